@@ -1,0 +1,5 @@
+"""``python -m tokkit ...`` (what torchrun launches)."""
+
+from tokkit.cli import main
+
+main()

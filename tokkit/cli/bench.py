@@ -1,0 +1,6 @@
+"""`tokkit bench` (being written)."""
+
+
+def bench() -> None:
+    """Not written yet."""
+    raise NotImplementedError("tokkit bench")

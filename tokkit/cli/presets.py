@@ -1,0 +1,6 @@
+"""`tokkit presets` (being written)."""
+
+
+def presets() -> None:
+    """Not written yet."""
+    raise NotImplementedError("tokkit presets")

@@ -1,0 +1,6 @@
+"""`tokkit verify` (being written)."""
+
+
+def verify() -> None:
+    """Not written yet."""
+    raise NotImplementedError("tokkit verify")
