@@ -1,6 +1,66 @@
-"""`tokkit info` (being written)."""
+"""`tokkit info PATH`: describe a checkpoint folder or a token shard set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tokkit.cli.common import console, handle_errors
+from tokkit.errors import TokkitError
 
 
-def info() -> None:
-    """Not written yet."""
-    raise NotImplementedError("tokkit info")
+@handle_errors
+def info(path: Annotated[Path, typer.Argument(help="A checkpoint folder (or run folder) or a shard set folder.")]):
+    """Describe a checkpoint (config, codebook, token grid, size) or a shard set (counts, dtype, sizes)."""
+    from tokkit.shards import MANIFEST, describe
+
+    if (path / MANIFEST).is_file() or path.name == MANIFEST:
+        _render("shard set", describe(path if path.is_dir() else path.parent))
+    else:
+        _render("checkpoint", describe_checkpoint(path))
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    """Facts about a checkpoint folder: config, codebook size, token grid, bits per token, weights size."""
+    from tokkit.checkpoint import WEIGHTS, read_checkpoint_meta, resolve_checkpoint_dir
+    from tokkit.config import TokenizerConfig
+    from tokkit.models.tokenizer import quantizer_from_config
+
+    d = resolve_checkpoint_dir(path)
+    meta = read_checkpoint_meta(d, verify=False)
+    cfg = TokenizerConfig.from_dict(meta["tokenizer"])
+    try:
+        q = quantizer_from_config(cfg)
+    except TokkitError:
+        q = None
+    return {
+        "path": str(d),
+        "format": meta["format"],
+        "tokkit_version": meta.get("tokkit_version"),
+        "resolution": cfg.resolution,
+        "token_grid": list(cfg.token_grid),
+        "downsample_factor": cfg.downsample_factor,
+        "quantizer": cfg.quantizer,
+        "codebook_size": int(q.codebook_size) if q is not None else None,
+        "bits_per_token": round(float(q.bits_per_token), 3) if q is not None else None,
+        "weights_bytes": (d / WEIGHTS).stat().st_size,
+        "weights_sha256": meta["weights_sha256"],
+        "config": meta["tokenizer"],
+        **({"extra": meta["extra"]} if meta.get("extra") else {}),
+    }
+
+
+def _render(kind: str, facts: dict[str, Any]) -> None:
+    table = Table(title=f"{kind}: {facts.get('path')}", show_header=False)
+    for k, v in facts.items():
+        if k == "path":
+            continue
+        text = json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)
+        if k == "bytes" or k == "weights_bytes":
+            text = f"{v:,} ({v / 2**20:.2f} MiB)"
+        table.add_row(k, text)
+    console.print(table)

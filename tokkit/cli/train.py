@@ -1,6 +1,98 @@
-"""`tokkit train` (being written)."""
+"""`tokkit train`: train a tokenizer from a preset, with any config field overridable from the shell."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tokkit.cli.common import BatchSizeOpt, DeviceOpt, NprocOpt, RichReporter, WeightsDirOpt, console, handle_errors
 
 
-def train() -> None:
-    """Not written yet."""
-    raise NotImplementedError("tokkit train")
+@handle_errors
+def train(
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Named preset (see `tokkit presets`); default sample-fsq.")
+    ] = None,
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="Image folder, .zip, .txt list, .npy/.npz uint8 array, or 'sample'.")
+    ] = "sample",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default runs/<preset>.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (overrides the preset).")] = None,
+    batch_size: Annotated[int | None, BatchSizeOpt] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint left it.")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override any config field: tokenizer.base_channels=32, train.lr=2e-4 ..."),
+    ] = None,
+    perceptual: Annotated[
+        str | None,
+        typer.Option("--perceptual", help="auto (LPIPS if its weights can be had), lpips (required) or none."),
+    ] = None,
+    weights_dir: WeightsDirOpt = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Separate images for the held-out batch (default: from --data).")
+    ] = None,
+    nproc_per_node: NprocOpt = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a tokenizer; leaves runs/<name>/ with checkpoint/, metrics.jsonl and reconstruction grids."""
+    from tokkit import distributed as tdist
+    from tokkit.config import DEFAULT_PRESET, apply_overrides, get_preset
+    from tokkit.errors import ConfigError
+    from tokkit.train import read_run_config
+    from tokkit.train import train as run_training
+
+    name = preset or DEFAULT_PRESET
+    out = out or Path("runs") / name
+    if nproc_per_node > 1:
+        args = ["train", "--preset", name, "--data", data, "--out", str(out), "--device", device]
+        for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
+                            ("--perceptual", perceptual), ("--weights-dir", weights_dir), ("--eval-data", eval_data)):
+            if value is not None:
+                args += [flag, str(value)]
+        for item in overrides or []:
+            args += ["--set", item]
+        args += [*(["--resume"] if resume else []), *(["--quiet"] if quiet else [])]
+        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
+
+    if resume:  # the run's own configs; explicit flags below may still change training knobs (e.g. more --steps)
+        tok_cfg, train_cfg, _ = read_run_config(out)
+    else:
+        chosen = get_preset(name)
+        tok_cfg, train_cfg = chosen.tokenizer, chosen.train
+    sets = list(overrides or [])
+    for field, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("perceptual", perceptual)):
+        if value is not None:
+            sets.append(f"train.{field}={value}")
+    cfgs = apply_overrides({"tokenizer": tok_cfg, "train": train_cfg}, sets)
+    if perceptual is not None and perceptual not in ("auto", "lpips", "none"):
+        raise ConfigError(f"--perceptual must be auto, lpips or none, got {perceptual!r}")
+
+    main = int(os.environ.get("RANK", "0")) == 0
+    result = run_training(
+        cfgs["tokenizer"], cfgs["train"], data=data, out_dir=out, resume=resume, device=device,
+        reporter=RichReporter(enabled=main and not quiet), weights_dir=weights_dir, eval_data=eval_data,
+    )  # fmt: skip
+    if not main:
+        return
+    m = result.metrics
+    table = Table(title=f"tokkit train -> {result.out_dir}", show_header=False)
+    table.add_row("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))")
+    table.add_row("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
+    if m:
+        table.add_row("held-out PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.3f}")
+        table.add_row("codebook usage", f"{m['usage']:.1%} (perplexity {m['perplexity']:.0f})")
+    table.add_row("speed", f"{result.images_per_second:.1f} img/s, {result.seconds:.0f} s")
+    table.add_row("perceptual loss", "LPIPS" if result.perceptual else "off")
+    if result.bad_images:
+        table.add_row("skipped", f"{result.bad_images} unreadable images")
+    table.add_row("logs", f"{result.metrics_file}, {result.out_dir / 'grids'}/")
+    console.print(table)

@@ -190,7 +190,7 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
 
 def entropy_bits(counts: Tensor | np.ndarray) -> float:
     """Shannon entropy in bits of the empirical distribution given by ``counts``."""
-    c = torch.as_tensor(np.asarray(counts), dtype=torch.float64).flatten()
+    c = torch.as_tensor(np.ascontiguousarray(counts), dtype=torch.float64).flatten()  # counts() is a reversed view
     total = c.sum()
     if total <= 0:
         return 0.0
@@ -199,15 +199,23 @@ def entropy_bits(counts: Tensor | np.ndarray) -> float:
 
 
 def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Perplexity and used fraction of one batch of indices (any shape). Cheap: sorts, never allocates K."""
+    """Perplexity and used fraction of one batch of indices (any shape).
+
+    Cheap: a dense count when K is small next to the batch, a sort otherwise (never allocates a large K); the entropy
+    is ``log N - mean over tokens of log count(token)``, so no K-sized transcendental is evaluated.
+    """
     flat = indices.detach().reshape(-1)
-    _, counts = torch.unique(flat, return_counts=True)
-    p = counts.double() / flat.numel()
-    ent = -(p * p.log()).sum()
-    return {
-        "perplexity": ent.exp().float(),
-        "batch_usage": torch.tensor(counts.numel() / codebook_size, dtype=torch.float32),
-    }
+    n = flat.numel()
+    if codebook_size <= max(4 * n, 2**16):  # a dense count is cheaper than a sort here
+        counts = torch.bincount(flat, minlength=codebook_size)
+        used = counts.count_nonzero()
+        ent = math.log(n) - counts[flat].float().log().mean()
+    else:
+        _, counts = torch.unique(flat, return_counts=True)
+        used = torch.tensor(counts.numel())
+        p = counts.double() / n
+        ent = -(p * p.log()).sum()
+    return {"perplexity": ent.exp().float(), "batch_usage": used.float() / codebook_size}
 
 
 class CodebookUsage:

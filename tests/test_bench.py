@@ -1,0 +1,213 @@
+"""tokkit.bench: usage statistics against brute force, the protocol record, offline behaviour, outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokkit import metrics as M
+from tokkit.bench import GRID_IMAGES, TokenUsage, bench
+from tokkit.errors import ConfigError
+from tokkit.progress import RecordingReporter
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOKKIT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("TOKKIT_WEIGHTS_DIR", raising=False)
+
+
+def _checkpoint(path: Path, quantizer: str, kwargs: dict) -> Path:
+    from tokkit.checkpoint import save_checkpoint
+    from tokkit.config import TokenizerConfig
+    from tokkit.models.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(
+        resolution=32,
+        base_channels=8,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        z_channels=4,
+        quantizer=quantizer,
+        quantizer_kwargs=kwargs,
+    )
+    return save_checkpoint(Tokenizer(cfg).eval(), path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    return {
+        "fsq": _checkpoint(d / "fsq" / "checkpoint", "fsq", {"levels": [4, 4, 4, 4]}),
+        "lfq": _checkpoint(d / "lfq-run", "lfq", {"codebook_size": 16}),
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 smooth 40x36 images (not square, not the tokenizer's size: resize + center crop happen)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(20, 3, 6, 6, generator=g), size=(40, 36), mode="bilinear")
+    path = tmp_path_factory.mktemp("data") / "images.npy"
+    np.save(path, (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def wdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("weights")
+    M.make_placeholder_weights("inception", d)
+    M.make_placeholder_weights("alexnet", d)
+    return d
+
+
+# ---- usage statistics ------------------------------------------------------------------------------------------------
+
+
+def _brute_entropy(counter: Counter) -> float:
+    n = sum(counter.values())
+    return -sum(c / n * math.log2(c / n) for c in counter.values())
+
+
+def test_usage_matches_a_brute_force_count_lfq() -> None:
+    from tokkit.quantizers import LFQ
+
+    q = LFQ(dim=4, codebook_size=16)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 12, (3, 4, 4), generator=g) for _ in range(3)]  # codes 12..15 never used
+    batches.append(torch.full((2, 4, 4), 15))
+    usage = TokenUsage(q)
+    for b in batches:
+        usage.update(b)
+    out = usage.compute()
+    flat = [int(v) for b in batches for v in b.flatten()]
+    counter = Counter(flat)
+    assert out["used"] == len(counter) == 13 and out["total"] == len(flat)
+    assert out["usage"] == pytest.approx(13 / 16)
+    assert out["entropy_bits"] == pytest.approx(_brute_entropy(counter))
+    assert out["perplexity"] == pytest.approx(2 ** _brute_entropy(counter))
+    ones = [sum((v >> (3 - k)) & 1 for v in flat) / len(flat) for k in range(4)]  # bit 0 = most significant
+    assert out["bits"]["balance"] == pytest.approx(ones)
+    assert out["bits"]["dead"] == []
+    assert sorted(usage.codes.counts().tolist(), reverse=True) == sorted(counter.values(), reverse=True)
+
+
+def test_dead_lfq_bit_is_reported() -> None:
+    from tokkit.quantizers import LFQ
+
+    usage = TokenUsage(LFQ(dim=3, codebook_size=8))
+    usage.update(torch.tensor([0, 1, 2, 3, 1, 2]))  # the most significant bit is always 0
+    assert usage.compute()["bits"]["dead"] == [0]
+
+
+def test_usage_matches_a_brute_force_count_fsq() -> None:
+    from tokkit.quantizers import FSQ
+
+    levels = [3, 4, 5]
+    q = FSQ(dim=3, levels=levels)
+    idx = torch.randint(0, 60, (4, 5, 5), generator=torch.Generator().manual_seed(1))
+    usage = TokenUsage(q)
+    usage.update(idx)
+    lv = usage.compute()["levels"]
+    flat = [int(v) for v in idx.flatten()]
+    for d, L in enumerate(levels):
+        radix = math.prod(levels[:d])  # mixed radix, dimension 0 least significant
+        digits = Counter((v // radix) % L for v in flat)
+        assert lv["counts"][d] == [digits.get(k, 0) for k in range(L)]
+        assert lv["used"][d] == len(digits)
+        assert lv["entropy_bits"][d] == pytest.approx(_brute_entropy(digits))
+    # the digits agree with the quantizer's own codes: level value = digit - L // 2, over half-width L // 2
+    codes = q.indices_to_levels(idx.flatten())
+    half = torch.tensor([L // 2 for L in levels])
+    digits0 = torch.tensor([[(v // math.prod(levels[:d])) % L for d, L in enumerate(levels)] for v in flat])
+    assert torch.allclose(codes, (digits0 - half).float() / half)
+
+
+# ---- bench ---------------------------------------------------------------------------------------------------------
+
+
+def test_bench_offline_without_weights_reports_them_unavailable(ckpts, images, tmp_path) -> None:
+    rep = RecordingReporter()
+    out = tmp_path / "out"
+    result = bench([ckpts["fsq"].parent, ckpts["lfq"]], images, out=out, num_images=12, batch_size=5, reporter=rep)
+    assert [r.name for r in result.results] == ["fsq", "lfq-run"]
+    r = result.results[0]
+    assert r.metrics["rfid"] is None and r.metrics["lpips"] is None
+    assert "weights-inception-2015-12-05-6726825d.pth" in r.unavailable["rfid"]
+    assert "alexnet-owt-7be5be79.pth" in r.unavailable["lpips"]
+    assert all("\n" not in why for why in r.unavailable.values())
+    assert len(rep.messages) == 2 and "--weights-dir" in rep.messages[0]
+    for res in result.results:  # the other metrics still ran
+        assert 0 < res.metrics["psnr"] < 60 and -1 <= res.metrics["ssim"] <= 1
+        assert res.usage["total"] == 12 * 16 * 16
+    # protocol, rates
+    p = r.protocol
+    assert p["num_images"] == 12 and p["resolution"] == 32 and "center crop" in p["preprocessing"]
+    assert "uint8" in p["reconstruction"] and "same preprocessed" in p["reference"]
+    assert r.tokenizer["tokens_per_image"] == 256 and r.tokenizer["bits_per_token"] == pytest.approx(8.0)
+    assert r.tokenizer["bits_per_pixel"] == pytest.approx(8.0 * 256 / 32**2)
+    assert result.environment["versions"]["torchmetrics"] and result.environment["device"] == "cpu"
+    # outputs
+    data = json.loads((out / "results.json").read_text())
+    assert data["format"] == "tokkit-bench/1" and data["results"][1]["usage"]["bits"]["balance"]
+    assert "weights-inception" in (out / "report.md").read_text()
+    for name in ("fsq-recon.png", "fsq-levels.png", "lfq-run-recon.png", "lfq-run-bits.png", "code_frequency.png"):
+        assert (out / name).stat().st_size > 1000
+    assert rep.phases == [("bench fsq", 12), ("bench lfq-run", 12)]
+
+
+def test_bench_numbers_follow_the_protocol(ckpts, images) -> None:
+    """PSNR / SSIM equal a by-hand run: center crop, decode(encode), rounded to uint8, per image, averaged."""
+    from tokkit.checkpoint import load
+    from tokkit.data import ImageDataset, open_source, to_float
+
+    result = bench([ckpts["lfq"]], images, num_images=7, metrics=["psnr", "ssim"], batch_size=3)
+    r = result.results[0]
+    assert set(r.metrics) == {"psnr", "psnr_std", "ssim", "ssim_std"} and r.usage == {}
+    ds = ImageDataset(open_source(images), 32)
+    x = torch.stack([ds[i]["image"] for i in range(7)])  # (7, 3, 32, 32) uint8
+    model = load(ckpts["lfq"])
+    y = ((model.decode(model.encode(to_float(x))) + 1) * 127.5).round().to(torch.uint8)
+    a, b = x.float() / 255, y.float() / 255
+    assert r.metrics["psnr"] == pytest.approx(float(M.psnr(b, a).mean()), abs=1e-4)
+    assert r.metrics["ssim"] == pytest.approx(float(M.ssim(b, a).mean()), abs=1e-5)
+    assert r.grid is not None and r.grid[0].shape == (7, 32, 32, 3)
+    assert np.array_equal(r.grid[0], x.permute(0, 2, 3, 1).numpy())
+    # batches of 3 vs 7 may round a pixel differently (float summation order), never by more than 1
+    assert np.abs(r.grid[1].astype(int) - y.permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1
+
+
+def test_bench_with_local_weights_runs_rfid_and_lpips(ckpts, images, wdir, tmp_path) -> None:
+    result = bench(
+        [ckpts["fsq"], ckpts["fsq"]], images, out=tmp_path, num_images=GRID_IMAGES + 2, batch_size=4, weights_dir=wdir
+    )
+    first, second = result.results
+    assert first.unavailable == {}
+    assert first.metrics["rfid"] is not None and first.metrics["rfid"] > 0
+    assert first.metrics["lpips"] is not None and first.metrics["lpips"] > 0
+    # the second run reuses the reference statistics of the first: same checkpoint, same number
+    assert second.metrics["rfid"] == pytest.approx(first.metrics["rfid"], rel=1e-6)
+    assert second.name == "fsq-2"
+    weights = {w["name"]: w for w in first.protocol["weights"]}
+    assert set(weights) == {"inception", "alexnet", "lpips-alex"}
+    assert weights["inception"]["sha256"] == M.sha256_file(wdir / "weights-inception-2015-12-05-6726825d.pth")
+    assert weights["inception"]["official"] is False and weights["lpips-alex"]["official"] is True
+    assert first.grid is not None and first.grid[0].shape[0] == GRID_IMAGES  # only the first few are kept
+    assert "not the official file" in (tmp_path / "report.md").read_text()
+
+
+def test_bench_argument_errors(ckpts, images) -> None:
+    with pytest.raises(ConfigError, match="unknown metrics"):
+        bench([ckpts["fsq"]], images, metrics=["psnr", "fid"])
+    with pytest.raises(ConfigError, match="num_images"):
+        bench([ckpts["fsq"]], images, num_images=0)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        bench([], images)

@@ -1,0 +1,68 @@
+"""CLI wiring of encode / decode / verify / info, and their one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_encode import make_folder, make_tiny_checkpoint
+from typer.testing import CliRunner
+
+from tokkit.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_encode_verify_info_decode(ckpt: Path, tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", n=6)
+    out = tmp_path / "shards"
+    r = runner.invoke(app, ["encode", str(ckpt), str(data), "--out", str(out), "--shard-size", "4", "-j", "0",
+                            "--views", "flip", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "images" in r.output and "2/2 committed" in r.output
+    r = runner.invoke(app, ["verify", str(out)])
+    assert r.exit_code == 0 and "ok" in r.output
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0 and "tokkit-shards/1" in r.output and "uint16" in r.output
+    r = runner.invoke(app, ["info", str(ckpt)])
+    assert r.exit_code == 0 and "codebook_size" in r.output and "1000" in r.output
+    r = runner.invoke(app, ["decode", str(ckpt), str(out), "--out", str(tmp_path / "png"), "--limit", "2", "--grid",
+                            "--view", "1"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "png" / "grid.png").is_file() and len(list((tmp_path / "png").glob("*.png"))) == 3
+
+    (out / "shards" / "shard-000000.labels.npy").write_bytes(b"broken")
+    r = runner.invoke(app, ["verify", str(out)])
+    assert r.exit_code == 1 and "shard-000000.labels.npy" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["encode", "{ck}", "{tmp}/nothing", "--out", "{tmp}/o"], "data not found"),
+        (["encode", "{tmp}/no-ckpt", "{tmp}", "--out", "{tmp}/o"], "no checkpoint"),
+        (["encode", "{ck}", "sample", "--out", "{tmp}/o", "--views", "five"], "unknown --views"),
+        (["verify", "{tmp}"], "not a tokkit shard set"),
+        (["decode", "{ck}", "{tmp}", "--out", "{tmp}/o"], "not a tokkit shard set"),
+        (["info", "{tmp}/missing"], "no checkpoint"),
+    ],
+)
+def test_one_line_errors(ckpt: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    argv = [a.format(ck=ckpt, tmp=tmp_path) for a in args]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output and "Traceback" not in r.output

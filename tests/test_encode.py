@@ -1,0 +1,211 @@
+"""tokkit.encode: round trip, bad inputs, error budget, plan refusal, resume after SIGKILL, two processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokkit.errors import DataError, ShardError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers shared by the shard / decode / CLI tests
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0, resolution: int = 16) -> Path:
+    """A randomly initialised FSQ tokenizer (base_channels 8, 16 px -> 8x8 tokens) saved as a checkpoint."""
+    from tokkit.checkpoint import save_checkpoint
+    from tokkit.config import TokenizerConfig
+    from tokkit.models.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    cfg = TokenizerConfig(
+        resolution=resolution, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, z_channels=4,
+        quantizer="fsq", quantizer_kwargs={"levels": [8, 5, 5, 5]},
+    )  # fmt: skip
+    return save_checkpoint(Tokenizer(cfg), path)
+
+
+def make_folder(root: Path, n: int = 24, size: tuple[int, int] = (20, 18), bad: dict[str, bytes] | None = None) -> Path:
+    """root/{a,b}/NNN.png random images (+ extra files given as name -> bytes under root/a)."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        cls = "ab"[i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
+    for name, data in (bad or {}).items():
+        (root / "a" / name).write_bytes(data)
+    return root
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of a shard set (relative path -> bytes), without plan.json's absolute source root."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and identically across processes) on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_round_trip_matches_reconstruction(ckpt: Path, tmp_path: Path) -> None:
+    from tokkit.checkpoint import load
+    from tokkit.data import center_crop_resize, open_source, to_float, to_uint8
+    from tokkit.decode import decode_tokens
+    from tokkit.encode import encode_dataset
+    from tokkit.shards import open_shards
+
+    data = make_folder(tmp_path / "data", n=10, size=(24, 20))
+    res = encode_dataset(ckpt, data, tmp_path / "out", shard_size=4, batch_size=3, workers=0)
+    assert res.complete and res.images == 10 and res.shards == (3, 3) and res.skipped == 0
+    ds = open_shards(tmp_path / "out")
+    assert len(ds) == 10 and ds[0][0].dtype == torch.int64 and ds[0][0].shape == (8, 8)
+    assert [ds[i][1] for i in range(10)] == [0] * 5 + [1] * 5  # labels from class folders a, b (sorted keys)
+    dec = decode_tokens(ckpt, tmp_path / "out", tmp_path / "png", grid=True, limit=6)
+    assert len(dec.files) == 6 and dec.grid is not None and dec.grid.is_file()
+
+    model = load(ckpt)
+    src = open_source(data)
+    x = to_float(np.stack([center_crop_resize(src.read(i), 16) for i in range(6)]))
+    with torch.inference_mode():
+        ref = to_uint8(model(x)[0].clamp(-1, 1)).numpy().astype(int)
+        assert torch.equal(torch.stack([ds[i][0] for i in range(6)]), model.encode(x))
+    got = np.stack([np.asarray(Image.open(f)) for f in dec.files]).astype(int)
+    assert np.abs(got - ref).max() <= 1  # same images as the tokenizer's own reconstruction (rounding aside)
+
+
+def test_bad_inputs_skipped_and_logged(ckpt: Path, tmp_path: Path) -> None:
+    from test_data import bad_files, odd_files
+
+    from tokkit.encode import encode_dataset
+    from tokkit.shards import open_shards
+
+    data = make_folder(tmp_path / "data", n=4, bad={**bad_files(), **odd_files()})
+    res = encode_dataset(ckpt, data, tmp_path / "out", shard_size=5, batch_size=4, workers=2, max_errors=10)
+    assert res.skipped == len(bad_files()) and res.images == 4 + len(odd_files())
+    assert res.upscaled == 1 + 0  # small.png only (the 20x18 pngs are above 16 px)
+    import json
+
+    lines = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert {Path(e["key"]).name for e in lines} == set(bad_files()) and all(e["reason"] for e in lines)
+    assert len(open_shards(tmp_path / "out")) == res.images
+
+
+def test_error_budget_and_strict(ckpt: Path, tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset, error_budget
+
+    assert error_budget(1000, 0.01, False) == 10 and error_budget(50, 0.01, False) == 1
+    assert error_budget(50, 3, False) == 3 and error_budget(50, 0.5, True) == 0
+    data = make_folder(tmp_path / "data", n=6, bad={"zero.jpg": b"", "text.png": b"hello"})
+    with pytest.raises(DataError) as info:
+        encode_dataset(ckpt, data, tmp_path / "out", shard_size=4, batch_size=2, workers=0, strict=True)
+    assert "\n" not in str(info.value) and "errors.jsonl" in str(info.value)
+    assert (tmp_path / "out" / "errors.jsonl").read_text()
+    res = encode_dataset(ckpt, data, tmp_path / "out", shard_size=4, batch_size=2, workers=0, max_errors=2)
+    assert res.complete and res.skipped == 2
+
+
+def test_changed_plan_is_refused(ckpt: Path, tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset
+
+    data = make_folder(tmp_path / "data", n=4)
+    kw = {"shard_size": 4, "batch_size": 4, "workers": 0}
+    encode_dataset(ckpt, data, tmp_path / "out", **kw)
+    again = encode_dataset(ckpt, data, tmp_path / "out", **kw)
+    assert again.resumed == 1 and again.encoded == 0 and again.complete
+    Image.new("RGB", (20, 20)).save(data / "b" / "zzz.png")
+    with pytest.raises(ShardError, match="input list changed") as info:
+        encode_dataset(ckpt, data, tmp_path / "out", **kw)
+    assert "\n" not in str(info.value) and "--overwrite" in str(info.value)
+    (data / "b" / "zzz.png").unlink()
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(ShardError, match="tokenizer"):
+        encode_dataset(other, data, tmp_path / "out", **kw)
+    res = encode_dataset(other, data, tmp_path / "out", overwrite=True, **kw)
+    assert res.complete and res.images == 4
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "thesis.tex").write_text("x")
+    with pytest.raises(ShardError, match="not a tokkit shard set"):
+        encode_dataset(ckpt, data, tmp_path / "junk", overwrite=True, **kw)
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from tokkit.encode import encode_dataset
+    from tokkit.progress import Reporter
+
+    class Slow(Reporter):  # slows the run down so that the test can kill it mid-way
+        def advance(self, completed, **fields):
+            time.sleep(0.15)
+
+    encode_dataset(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=6, batch_size=3, workers=0, max_errors=5,
+                   reporter=Slow())
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_byte_identical(ckpt: Path, tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset
+
+    data = make_folder(tmp_path / "data", n=40, bad={"zero.jpg": b""})
+    kw = {"shard_size": 6, "batch_size": 3, "workers": 0, "max_errors": 5}
+    ref = encode_dataset(ckpt, data, tmp_path / "ref", **kw)
+    assert ref.complete and ref.shards == (7, 7)
+
+    out = tmp_path / "killed"
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(data), str(out)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "shards" / "shard-000001.done.json").exists():
+        assert proc.poll() is None, "the encode subprocess ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = sorted(p.name for p in (out / "shards").glob("*.done.json"))
+    assert 2 <= len(committed) < 7 and not (out / "manifest.json").exists()
+
+    res = encode_dataset(ckpt, data, out, **kw)
+    assert res.complete and res.resumed == len(committed)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(ckpt: Path, tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset
+
+    data = make_folder(tmp_path / "data", n=20)
+    one = encode_dataset(ckpt, data, tmp_path / "one", shard_size=4, batch_size=2, workers=0)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tokkit", "encode", str(ckpt), str(data), "--out", str(tmp_path / "two"),
+           "--shard-size", "4", "--batch-size", "2", "--workers", "0", "--nproc-per-node", "2", "--quiet"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert one.complete and tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")

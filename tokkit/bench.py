@@ -1,0 +1,474 @@
+"""``bench``: reconstruction quality and codebook usage of tokenizer checkpoints under a written protocol.
+
+For each checkpoint the images are read at the checkpoint's resolution (resize shorter side + center crop, uint8),
+tokenized, decoded, and the reconstructions rounded to uint8 before any metric; the reference is the same
+preprocessed inputs. Everything is accumulated batch by batch (FID running sums, metric sums, code counts), so memory
+does not grow with the number of images; only the first few images are kept, for the reconstruction grid.
+
+    from tokkit.bench import bench
+    result = bench(["runs/a/checkpoint"], "photos/", out="bench_out", num_images=1000)
+    result.results[0].metrics["psnr"]
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from tokkit import metrics as M
+from tokkit.errors import ConfigError, DataError, WeightsError
+from tokkit.progress import Reporter, resolve
+from tokkit.quantizers.base import CodebookUsage, entropy_bits
+
+METRICS = ("rfid", "lpips", "psnr", "ssim", "usage")
+GRID_IMAGES = 8
+DEAD_BIT = 0.01  # an LFQ bit whose rarer value has frequency below this carries < 0.081 bits: "dead"
+LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smaller images shrink to nothing inside the backbone
+
+
+@dataclass
+class CheckpointResult:
+    """What ``bench`` measured for one checkpoint.
+
+    Attributes:
+        checkpoint: the checkpoint folder.
+        name: short unique name used in tables and file names.
+        tokenizer: quantizer, codebook size, resolution, token grid, bits per token, tokens per image, bits per pixel.
+        metrics: rfid, lpips, psnr, ssim (means over images), psnr_std, ssim_std; None where unavailable.
+        unavailable: metric -> the one-line reason it could not be computed.
+        usage: codebook usage over the whole set (used, usage, perplexity, entropy_bits, total; ``bits`` for LFQ,
+            ``levels`` for FSQ).
+        protocol: how the numbers were obtained (images, preprocessing, reference, rounding, weights, versions).
+        files: plot name -> path of the PNG written (empty without ``out``).
+    """
+
+    checkpoint: str
+    name: str
+    tokenizer: dict[str, Any]
+    metrics: dict[str, float | None]
+    unavailable: dict[str, str]
+    usage: dict[str, Any]
+    protocol: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    # for the plots, never in results.json: the first inputs / reconstructions uint8 (N, r, r, 3) and the code
+    # counts sorted from most to least frequent
+    grid: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    code_counts: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (without the plot data)."""
+        d = asdict(self)
+        d.pop("grid")
+        d.pop("code_counts")
+        return d
+
+
+@dataclass
+class BenchResult:
+    """All checkpoints' results, the shared environment record, and the files written."""
+
+    results: list[CheckpointResult]
+    environment: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (the content of results.json)."""
+        return {
+            "format": "tokkit-bench/1",
+            "environment": self.environment,
+            "results": [r.to_dict() for r in self.results],
+            "files": self.files,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# codebook usage
+
+
+class TokenUsage:
+    """Code counts over a whole set, plus per-bit balance (LFQ) or per-dimension level usage (FSQ).
+
+    Args:
+        quantizer: the tokenizer's quantizer (its ``registry_name``, ``codebook_size``; ``bits`` for LFQ,
+            ``levels`` and ``indices_to_levels`` for FSQ).
+    """
+
+    def __init__(self, quantizer: torch.nn.Module) -> None:
+        self.quantizer = quantizer
+        self.kind = getattr(quantizer, "registry_name", "")
+        self.codes = CodebookUsage(int(quantizer.codebook_size))
+        self.bits = int(quantizer.bits) if self.kind == "lfq" else 0
+        self.levels = [int(v) for v in quantizer.levels] if self.kind == "fsq" else []
+        self._ones = torch.zeros(self.bits, dtype=torch.int64)  # (K_bits,) how often each bit is 1
+        self._level_counts = torch.zeros(len(self.levels), max(self.levels, default=1), dtype=torch.int64)  # (d, Lmax)
+        self._tokens = 0
+
+    def update(self, indices: Tensor) -> None:
+        """Add a batch of indices (B, h, w[, G])."""
+        flat = indices.detach().reshape(-1)  # (N,)
+        self.codes.update(flat)
+        self._tokens += flat.numel()
+        if self.bits:
+            from tokkit.quantizers.lfq import indices_to_bits
+
+            self._ones += indices_to_bits(flat, self.bits).sum(0).cpu()  # (N, bits) -> (bits,)
+        if self.levels:
+            lv = torch.tensor(self.levels, device=flat.device)
+            norm = self.quantizer.indices_to_levels(flat)  # (N, d) in [-1, 1]
+            digits = (norm * (lv // 2)).round().long() + lv // 2  # (N, d) in [0, L_d)
+            for d in range(len(self.levels)):
+                self._level_counts[d] += torch.bincount(digits[:, d], minlength=self._level_counts.shape[1]).cpu()
+
+    def compute(self) -> dict[str, Any]:
+        """The usage summary (see ``CheckpointResult.usage``) and the sorted code counts under ``counts``."""
+        out: dict[str, Any] = dict(self.codes.compute())
+        out["codebook_size"] = self.codes.codebook_size
+        out["max_entropy_bits"] = math.log2(self.codes.codebook_size)
+        if self.bits:
+            p = (self._ones.double() / max(self._tokens, 1)).tolist()
+            per_bit = [entropy_bits([q, 1 - q]) for q in p]
+            out["bits"] = {
+                "balance": p,
+                "dead": [i for i, q in enumerate(p) if min(q, 1 - q) < DEAD_BIT],
+                "entropy_bits": per_bit,
+                "sum_entropy_bits": float(sum(per_bit)),
+            }
+        if self.levels:
+            rows = [self._level_counts[d, :L].numpy() for d, L in enumerate(self.levels)]
+            out["levels"] = {
+                "levels": self.levels,
+                "used": [int((r > 0).sum()) for r in rows],
+                "entropy_bits": [entropy_bits(r) for r in rows],
+                "max_entropy_bits": [math.log2(L) for L in self.levels],
+                "counts": [r.tolist() for r in rows],
+            }
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# protocol
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import tokkit
+
+    out = {"tokkit": tokkit.__version__, "python": platform.python_version()}
+    for dist in ("torch", "torchvision", "torchmetrics", "torch-fidelity", "lpips", "numpy", "pillow"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base = p.parent.name if p.name == "checkpoint" and p.parent.name else p.name
+        base = "".join(c if c.isalnum() or c in "-_." else "-" for c in base) or "checkpoint"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def bench(
+    checkpoints: Sequence[str | Path],
+    data: str | Path,
+    *,
+    out: str | Path | None = None,
+    num_images: int | None = None,
+    batch_size: int = 32,
+    metrics: Sequence[str] = METRICS,
+    weights_dir: str | Path | None = None,
+    lpips_net: str = "alex",
+    device: str = "auto",
+    workers: int = 0,
+    reporter: Reporter | None = None,
+) -> BenchResult:
+    """Measure reconstruction quality and codebook usage of each checkpoint on the same images.
+
+    Args:
+        checkpoints: checkpoint folders (or run folders holding ``checkpoint/``).
+        data: anything ``tokkit.data.open_source`` opens (folder, .zip, .txt list, .npy/.npz, "sample").
+        out: folder for results.json, report.md and the PNGs; nothing is written when None.
+        num_images: the first N images of the (sorted) source; all when None.
+        batch_size: images per batch.
+        metrics: a subset of ``METRICS``; bits per token, tokens per image and bits per pixel are always reported.
+        weights_dir: folder with the InceptionV3 / AlexNet / VGG16 files (see ``tokkit.metrics``);
+            default ``$TOKKIT_WEIGHTS_DIR``.
+        lpips_net: "alex" or "vgg".
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        workers: DataLoader worker processes.
+        reporter: receives a progress bar per checkpoint and one-line notes (unavailable metrics).
+
+    Returns:
+        A ``BenchResult`` (one ``CheckpointResult`` per checkpoint, in order).
+
+    Raises:
+        ConfigError: unknown metric, empty checkpoint list, bad sizes. CheckpointError / DataError: unreadable inputs.
+    """
+    from tokkit.checkpoint import load, read_checkpoint_meta, resolve_checkpoint_dir
+    from tokkit.data import open_source
+    from tokkit.runtime import resolve_device
+
+    rep = resolve(reporter)
+    wanted = [m.strip().lower() for m in metrics if m.strip()]
+    bad = sorted(set(wanted) - set(METRICS))
+    if bad or not wanted:
+        raise ConfigError(f"unknown metrics {', '.join(bad) or '(none)'}; choose from: {', '.join(METRICS)}")
+    if not checkpoints:
+        raise ConfigError("give at least one checkpoint folder")
+    if num_images is not None and num_images < 1:
+        raise ConfigError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    dev = resolve_device(device)
+    ckpt_dirs = [resolve_checkpoint_dir(c) for c in checkpoints]
+    metas = [read_checkpoint_meta(c) for c in ckpt_dirs]  # fail early, before any slow work
+    source = open_source(data)
+    n_total = len(source)
+    n_use = min(n_total, num_images) if num_images else n_total
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # metric networks, loaded once and shared by every checkpoint
+    unavailable: dict[str, str] = {}
+    fid = lp = None
+    if "rfid" in wanted:
+        try:
+            fid = M.load_fid(weights_dir, dev)
+        except WeightsError as e:
+            unavailable["rfid"] = f"rFID unavailable: {e}"
+    if "lpips" in wanted:
+        try:
+            lp = M.load_lpips(lpips_net, weights_dir, dev)
+        except WeightsError as e:
+            unavailable["lpips"] = f"LPIPS unavailable: {e}"
+    for reason in unavailable.values():
+        rep.message(reason)
+
+    environment = {
+        "versions": library_versions(),
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "data": {
+            "spec": str(data),
+            "root": source.root,
+            "images_in_source": n_total,
+            "fingerprint": source.fingerprint(),
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics": wanted,
+    }
+    results = []
+    real_cache: dict[int, dict[str, Tensor]] = {}  # resolution -> FID reference statistics (same inputs)
+    for ckpt, meta, name in zip(ckpt_dirs, metas, _unique_names(ckpt_dirs), strict=True):
+        model = load(ckpt, device=dev)
+        res = _bench_one(
+            model, source, n_use, batch_size, wanted, fid, lp, lpips_net, dev, workers, rep, name, real_cache
+        )
+        res.checkpoint = str(ckpt)
+        res.protocol["checkpoint_sha256"] = meta["weights_sha256"]
+        for m, reason in unavailable.items():
+            res.unavailable.setdefault(m, reason)
+        results.append(res)
+        del model
+    result = BenchResult(results, environment)
+    if out_dir is not None:
+        from tokkit.report import write_outputs
+
+        write_outputs(result, out_dir)
+    return result
+
+
+def _bench_one(
+    model: torch.nn.Module,
+    source: Any,
+    n_use: int,
+    batch_size: int,
+    wanted: list[str],
+    fid: Any,
+    lp: Any,
+    lpips_net: str,
+    dev: torch.device,
+    workers: int,
+    rep: Reporter,
+    name: str,
+    real_cache: dict[int, dict[str, Tensor]],
+) -> CheckpointResult:
+    from tokkit.data import ImageDataset, collate_skip_bad, to_float
+
+    r = int(model.resolution)
+    h, w = model.token_grid
+    groups = int(getattr(model.quantizer, "num_groups", 1))
+    tokens = h * w
+    tok_info = {
+        "quantizer": model.config.quantizer,
+        "quantizer_kwargs": model.config.quantizer_kwargs,
+        "codebook_size": int(model.codebook_size),
+        "resolution": r,
+        "token_grid": [h, w],
+        "index_shape": list(model.index_shape),
+        "groups": groups,
+        "tokens_per_image": tokens,
+        "bits_per_token": float(model.bits_per_token),
+        "bits_per_image": float(model.bits_per_token) * tokens,
+        "bits_per_pixel": float(model.bits_per_token) * tokens / (r * r),
+    }
+    unavailable: dict[str, str] = {}
+    use_fid = fid is not None and "rfid" in wanted
+    if use_fid and n_use < 2:
+        use_fid, unavailable["rfid"] = False, "rFID unavailable: needs at least 2 images"
+    use_lpips = lp is not None and "lpips" in wanted
+    if use_lpips and r < LPIPS_MIN_SIDE[lpips_net]:
+        use_lpips = False
+        unavailable["lpips"] = f"LPIPS unavailable: {lpips_net} needs images of at least {LPIPS_MIN_SIDE[lpips_net]} px"
+    use_ssim = "ssim" in wanted
+    if use_ssim and r < 11:
+        use_ssim, unavailable["ssim"] = False, "SSIM unavailable: needs images of at least 11 px"
+    cached_real = real_cache.get(r) if use_fid else None
+    if use_fid:
+        fid.reset()
+        if cached_real is not None:
+            for k, v in cached_real.items():
+                setattr(fid, k, v.clone())
+    usage = TokenUsage(model.quantizer) if "usage" in wanted else None
+
+    ds = Subset(ImageDataset(source, r, train=False), range(n_use))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
+    sums = {k: 0.0 for k in ("psnr", "psnr_sq", "ssim", "ssim_sq", "lpips")}
+    n_inf = 0
+    count, upscaled, errors = 0, 0, []
+    grid_in: list[Tensor] = []
+    grid_out: list[Tensor] = []
+    rep.start(f"bench {name}", n_use)
+    seen = 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        seen += len(batch["indices"]) + len(batch["errors"])
+        errors += batch["errors"]
+        upscaled += int(batch["upscaled"])
+        x = batch["images"]  # (B, 3, r, r) uint8
+        if x.shape[0] == 0:
+            rep.advance(seen)
+            continue
+        x = x.to(dev)
+        with torch.no_grad():
+            indices = model.encode(to_float(x))  # (B, h, w[, G])
+            y = ((model.decode(indices).float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, 3, r, r)
+        count += x.shape[0]
+        if usage is not None:
+            usage.update(indices)
+        a, b = x.float() / 255.0, y.float() / 255.0
+        if "psnr" in wanted:
+            p = M.psnr(b, a).double()
+            finite = torch.isfinite(p)
+            n_inf += int((~finite).sum())
+            sums["psnr"] += float(p[finite].sum())
+            sums["psnr_sq"] += float(p[finite].pow(2).sum())
+        if use_ssim:
+            s = M.ssim(b, a).double()
+            sums["ssim"] += float(s.sum())
+            sums["ssim_sq"] += float(s.pow(2).sum())
+        if use_lpips:
+            with torch.no_grad():
+                sums["lpips"] += float(lp(b * 2 - 1, a * 2 - 1).double().sum())
+        if use_fid:
+            with torch.no_grad():
+                if cached_real is None:
+                    fid.update(x, real=True)
+                fid.update(y, real=False)
+        if sum(g.shape[0] for g in grid_in) < GRID_IMAGES:
+            grid_in.append(x.cpu())
+            grid_out.append(y.cpu())
+        fields: dict[str, float | int | str] = {"img/s": count / max(time.perf_counter() - t0, 1e-9)}
+        if "psnr" in wanted and count > n_inf:
+            fields["psnr"] = sums["psnr"] / (count - n_inf)
+        rep.advance(seen, **fields)
+    rep.stop()
+    if count == 0:
+        raise DataError(f"none of the {n_use} images could be read (first error: {errors[0][1] if errors else '?'})")
+
+    values: dict[str, float | None] = {}
+    if "psnr" in wanted:
+        values["psnr"], values["psnr_std"] = _mean_std(sums["psnr"], sums["psnr_sq"], count - n_inf)
+        if n_inf:
+            unavailable.setdefault("psnr_note", f"{n_inf} images reconstructed exactly (PSNR inf) are left out")
+    if use_ssim:
+        values["ssim"], values["ssim_std"] = _mean_std(sums["ssim"], sums["ssim_sq"], count)
+    if "lpips" in wanted:
+        values["lpips"] = sums["lpips"] / count if use_lpips else None
+    if "rfid" in wanted:
+        values["rfid"] = None
+        if use_fid:
+            if cached_real is None and int(fid.real_features_num_samples) == count:
+                real_cache[r] = {k: getattr(fid, k).clone() for k in _FID_REAL}
+            values["rfid"] = float(fid.compute()) if count >= 2 else None
+    if "ssim" in wanted and not use_ssim:
+        values["ssim"] = None
+
+    usage_out = usage.compute() if usage is not None else {}
+    protocol = {
+        "num_images": count,
+        "images_requested": n_use,
+        "unreadable_images": [{"index": i, "reason": why} for i, why in errors],
+        "upscaled_images": upscaled,
+        "resolution": r,
+        "preprocessing": f"resize shorter side to {r} (PIL bicubic, antialiased) + center crop {r}x{r}, uint8",
+        "reference": "the same preprocessed input images (not a generation reference set)",
+        "reconstruction": "decode(encode(x)) clamped to [-1, 1], rounded to uint8 before every metric",
+        "psnr_ssim": "per image on [0, 1], data range 1, then averaged; SSIM Gaussian window 11, sigma 1.5, "
+        "valid positions (as scikit-image)",
+        "rfid": "torchmetrics FrechetInceptionDistance, 2048 features, torch-fidelity InceptionV3, "
+        "TF1-compatible bilinear resize to 299 (antialias=False), uint8 input",
+        "lpips": f"lpips v0.1, net={lpips_net}, inputs in [-1, 1], mean over images",
+        "weights": (fid.weights if use_fid else []) + (lp.weights if use_lpips else []),
+    }
+    grid = None
+    if grid_in:
+        grid = (
+            torch.cat(grid_in)[:GRID_IMAGES].permute(0, 2, 3, 1).numpy(),  # (N, 3, r, r) -> (N, r, r, 3)
+            torch.cat(grid_out)[:GRID_IMAGES].permute(0, 2, 3, 1).numpy(),
+        )
+    return CheckpointResult(
+        checkpoint="",
+        name=name,
+        tokenizer=tok_info,
+        metrics=values,
+        unavailable=unavailable,
+        usage=usage_out,
+        protocol=protocol,
+        grid=grid,
+        code_counts=usage.codes.counts() if usage is not None else None,
+    )
+
+
+_FID_REAL = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
+def _mean_std(total: float, total_sq: float, n: int) -> tuple[float | None, float | None]:
+    if n <= 0:
+        return None, None
+    mean = total / n
+    return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
+
+
+__all__ = ["METRICS", "BenchResult", "CheckpointResult", "TokenUsage", "bench", "library_versions"]

@@ -1,0 +1,173 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json``; written atomically, loaded without pickle.
+
+``config.json``::
+
+    {"format": "tokkit-checkpoint/1", "tokkit_version": "0.1.0", "tokenizer": {...TokenizerConfig...},
+     "weights_sha256": "...", "extra": {...optional, e.g. the training step...}}
+
+A run folder (``runs/<name>/``) holds its checkpoint in ``checkpoint/``; ``load`` and ``read_checkpoint_meta``
+accept either the checkpoint folder or the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokkit.errors import CheckpointError, ConfigError
+
+FORMAT = "tokkit-checkpoint/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dest``, replacing an old ``dest`` (never leaves ``dest`` half-written)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a ``Tokenizer``) as a checkpoint folder, atomically (tmp folder + rename).
+
+    Args:
+        model: a ``Tokenizer`` (needs ``.config``, a ``TokenizerConfig``).
+        path: the checkpoint folder to create or replace.
+        extra: optional JSON-able notes stored under ``"extra"`` in config.json (e.g. the training step).
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    import tokkit
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "tokkit_version": tokkit.__version__,
+            "tokenizer": model.config.to_dict(),
+            "weights_sha256": sha256_file(tmp / WEIGHTS),
+        }
+        if extra:
+            meta["extra"] = extra
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint folder for ``path``: the folder itself, or ``path/checkpoint`` for a run folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at {p}: pass a folder with {WEIGHTS} and {CONFIG} (e.g. runs/NAME)")
+    if p.is_dir() and not (p / CONFIG).exists() and (p / "checkpoint" / CONFIG).exists():
+        return p / "checkpoint"
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is a file; a checkpoint is a folder with {WEIGHTS} and {CONFIG}")
+    return p
+
+
+def read_checkpoint_meta(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read and validate a checkpoint's ``config.json``.
+
+    Args:
+        path: checkpoint folder (or a run folder holding ``checkpoint/``).
+        verify: also check the weights file's sha256 against the recorded one.
+
+    Returns:
+        The ``config.json`` content.
+
+    Raises:
+        CheckpointError: missing folder or files, unreadable JSON, not a tokkit checkpoint, bad config, sha mismatch.
+    """
+    d = resolve_checkpoint_dir(path)
+    cfg_path, weights = d / CONFIG, d / WEIGHTS
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d} has no {CONFIG}: not a tokkit checkpoint folder (expected {WEIGHTS} + {CONFIG})")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is unreadable or not JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{cfg_path} is not a {FORMAT} config (format: {found!r})")
+    if not isinstance(meta.get("tokenizer"), dict) or not isinstance(meta.get("weights_sha256"), str):
+        raise CheckpointError(f"{cfg_path} lacks the 'tokenizer' config or 'weights_sha256'; the checkpoint is corrupt")
+    from tokkit.config import TokenizerConfig
+
+    try:
+        TokenizerConfig.from_dict(meta["tokenizer"])
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path} has a bad tokenizer config: {e}") from None
+    if not weights.is_file():
+        raise CheckpointError(f"{d} has no {WEIGHTS}; the checkpoint is incomplete")
+    if verify and sha256_file(weights) != meta["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in {CONFIG}: the weights are corrupt or replaced")
+    return meta
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a checkpoint folder as a ``Tokenizer`` in eval mode (also ``tokkit.load``).
+
+    Args:
+        path: checkpoint folder, or a run folder holding ``checkpoint/``.
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: see ``read_checkpoint_meta``; also weights that do not fit the config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tokkit.config import TokenizerConfig
+    from tokkit.models.tokenizer import Tokenizer
+    from tokkit.runtime import resolve_device
+
+    d = resolve_checkpoint_dir(path)
+    meta = read_checkpoint_meta(d)
+    model = Tokenizer(TokenizerConfig.from_dict(meta["tokenizer"]))
+    try:
+        state = load_file(str(d / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{d / WEIGHTS} is not a readable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{d / WEIGHTS} does not fit its config.json: {first}") from None
+    return model.to(resolve_device(device)).eval()
+
+
+__all__ = ["load", "read_checkpoint_meta", "resolve_checkpoint_dir", "save_checkpoint", "sha256_file"]

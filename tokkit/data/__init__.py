@@ -1,0 +1,31 @@
+"""Image data: sources (folder, zip, list, arrays, the built-in sample set), robust decoding, pinned preprocessing.
+
+    from tokkit.data import open_source, ImageDataset, collate_skip_bad, to_float
+    src = open_source("photos/")                      # or a .zip, a .txt list, a .npy/.npz, or "sample"
+    ds = ImageDataset(src, resolution=64)             # item -> dict(image uint8 (3, 64, 64), label, index)
+    loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=collate_skip_bad)
+    x = to_float(next(iter(loader))["images"])        # (B, 3, 64, 64) float in [-1, 1]
+"""
+
+from tokkit.data.datasets import ImageDataset, collate_skip_bad
+from tokkit.data.images import BACKGROUND, MAX_PIXELS, BadImage, decode_image
+from tokkit.data.sources import IMAGE_EXTENSIONS, ImageSource, open_source
+from tokkit.data.transforms import VIEWS, center_crop_resize, make_views, random_crop_flip, to_float, to_uint8
+
+__all__ = [
+    "BACKGROUND",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "VIEWS",
+    "BadImage",
+    "ImageDataset",
+    "ImageSource",
+    "center_crop_resize",
+    "collate_skip_bad",
+    "decode_image",
+    "make_views",
+    "open_source",
+    "random_crop_flip",
+    "to_float",
+    "to_uint8",
+]

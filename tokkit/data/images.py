@@ -1,0 +1,133 @@
+"""Robust image decoding: bytes in, an RGB ``PIL.Image`` out, or ``BadImage`` with a one-line reason.
+
+Every unusual file a real dataset holds is handled here, once:
+
+- zero-byte, truncated or corrupt files and non-images -> ``BadImage`` naming the reason;
+- decompression bombs (more than ``MAX_PIXELS`` pixels) -> ``BadImage`` before any pixel is decoded;
+- EXIF orientation is applied, so a photo taken sideways comes out upright;
+- CMYK, 16/32-bit (``I;16``, ``I``, ``F``), palette, grayscale (``1``, ``L``, ``LA``) and alpha (``RGBA``, ``PA``)
+  images become 8-bit RGB. Transparent pixels are composited on **white** (the usual choice for product photos,
+  icons and scanned documents, and what a browser shows on its default page).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from tokkit.errors import DataError
+
+# Images above this many pixels are refused as decompression bombs (PIL's own default is 89,478,485).
+MAX_PIXELS = 89_478_485
+# Alpha is composited on this background.
+BACKGROUND = (255, 255, 255)
+
+
+class BadImage(DataError):
+    """One input that cannot be turned into an RGB image; ``key`` names it and ``reason`` says why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+    def __reduce__(self):  # keep (key, reason) across DataLoader worker processes
+        return (BadImage, (self.key, self.reason))
+
+
+def decode_image(data: bytes, key: str = "<bytes>", max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes into an upright 8-bit RGB image.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, BMP, TIFF, GIF ... anything PIL reads).
+        key: the name used in error messages.
+        max_pixels: refuse images with more pixels than this (default ``MAX_PIXELS``).
+
+    Returns:
+        A loaded ``PIL.Image`` in mode ``RGB``.
+
+    Raises:
+        BadImage: empty, truncated, corrupt, non-image or oversized input.
+    """
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if len(data) == 0:
+        raise BadImage(key, "empty file (0 bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently gray
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limit:
+                raise BadImage(key, f"decompression bomb refused: {w}x{h} = {w * h} pixels > {limit}")
+            img.load()
+            img = _upright(img)
+            return _to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(key, f"decompression bomb refused: {_first_line(e)}") from None
+    except UnidentifiedImageError:
+        raise BadImage(key, "not an image (unrecognized format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
+        text = _first_line(e)
+        kind = "truncated" if "truncat" in text.lower() else "corrupt"
+        raise BadImage(key, f"{kind} image: {text}") from None
+    except MemoryError:
+        raise BadImage(key, "image too large to decode in memory") from None
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, 3) / (H, W, 1) / (H, W) array as an RGB image."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    img = Image.fromarray(np.ascontiguousarray(array))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - malformed EXIF must not make a readable image unreadable
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, scaling high bit depths and compositing transparency on ``BACKGROUND``."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8_gray(np.asarray(img), mode)).convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode == "PA":
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    if mode == "CMYK":
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8_gray(a: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer or float grayscale (H, W) -> uint8, keeping the full range of the source depth."""
+    a = a.astype(np.float64)
+    if mode == "F":
+        scale = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        return np.clip(np.nan_to_num(a) / scale * 255.0, 0, 255).round().astype(np.uint8)
+    top = float(a.max()) if a.size else 0.0
+    if mode.startswith("I;16") or 255 < top <= 65535:
+        return np.clip(a / 257.0, 0, 255).round().astype(np.uint8)  # 65535 -> 255
+    if top <= 255:
+        return np.clip(a, 0, 255).astype(np.uint8)
+    return np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

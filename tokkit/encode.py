@@ -1,0 +1,399 @@
+"""``encode_dataset``: an image dataset -> checksummed, resumable token shards (the library side of ``tokkit encode``).
+
+The pipeline, so that reading, decoding, resizing, writing and hashing hide behind inference:
+
+- DataLoader workers read and decode images in parallel (``ImageDataset``) and hand uint8 batches over (pinned on
+  GPU); unreadable inputs come back as errors, never as exceptions;
+- the main thread runs ``tokenizer.encode`` (``eval()`` + ``inference_mode``, bf16 autocast on GPU);
+- a background thread serializes, hashes and atomically writes each finished shard and its commit marker.
+
+Batches never straddle shards, so a shard's batches (and its bytes) are the same in a fresh run, a resumed run, or a
+run with another number of processes. Shard ``s`` goes to rank ``s % world_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tokkit.data import ImageDataset, ImageSource, collate_skip_bad, open_source
+from tokkit.data.images import BACKGROUND
+from tokkit.data.transforms import TENCROP_SCALE, VIEWS
+from tokkit.errors import ConfigError, DataError, ShardError
+from tokkit.progress import Reporter, resolve
+from tokkit.shards import (
+    ERRORS,
+    FORMAT,
+    MANIFEST,
+    PLAN,
+    SHARD_DIR,
+    ShardSpec,
+    atomic_write_bytes,
+    canonical_json,
+    codes_dtype,
+    plan_id,
+    plan_shards,
+    read_done,
+    write_manifest,
+    write_shard,
+)
+
+DEFAULT_MAX_ERRORS = 0.01
+
+
+@dataclass
+class EncodeResult:
+    """What ``encode_dataset`` did.
+
+    Attributes:
+        out: the shard set folder.
+        images: images in the shard set (all committed shards).
+        encoded: images encoded by this call (this rank).
+        shards: committed shards / planned shards.
+        resumed: shards that were already committed and skipped.
+        skipped: unreadable inputs in the set (listed in errors.jsonl).
+        upscaled: images smaller than the resolution (upscaled).
+        seconds: wall time of this call.
+        images_per_second: ``encoded / seconds`` over the encoding loop.
+        complete: the manifest says complete.
+    """
+
+    out: Path
+    images: int
+    encoded: int
+    shards: tuple[int, int]
+    resumed: int
+    skipped: int
+    upscaled: int
+    seconds: float
+    images_per_second: float
+    complete: bool
+
+
+def error_budget(count: int, max_errors: float | int | None, strict: bool) -> int:
+    """How many unreadable inputs are tolerated: 0 when strict; a fraction (< 1) of ``count`` rounded up; or a count."""
+    if strict:
+        return 0
+    if max_errors is None:
+        max_errors = DEFAULT_MAX_ERRORS
+    if max_errors < 0:
+        raise ConfigError(f"--max-errors must be >= 0, got {max_errors}")
+    if max_errors < 1:
+        return math.ceil(max_errors * count)
+    return int(max_errors)
+
+
+def build_plan(
+    meta: dict[str, Any], tokenizer: Any, source: ImageSource, views: str, shard_size: int
+) -> dict[str, Any]:
+    """The identity of an encode: tokenizer, preprocessing, views, dtype, source list and shard size."""
+    n_views = VIEWS[views]
+    index_shape = list(tokenizer.index_shape)
+    plan = {
+        "format": FORMAT,
+        "tokenizer": {
+            "config": meta["tokenizer"],
+            "checkpoint_sha256": meta["weights_sha256"],
+            "codebook_size": int(tokenizer.codebook_size),
+            "token_grid": list(tokenizer.token_grid),
+            "index_shape": index_shape,
+            "bits_per_token": float(tokenizer.bits_per_token),
+        },
+        "preprocessing": {
+            "resolution": int(tokenizer.resolution),
+            "crop": "resize shorter side to resolution (bicubic, antialiased) + center crop",
+            "normalization": "uint8 RGB -> float x / 127.5 - 1 in [-1, 1]",
+            "color": f"EXIF orientation applied; alpha composited on RGB{BACKGROUND}; 16-bit scaled to 8-bit",
+            "views": views,
+            "tencrop_scale": TENCROP_SCALE if views == "tencrop" else None,
+        },
+        "views": {"name": views, "count": n_views, "axis": n_views > 1},
+        "dtype": codes_dtype(int(tokenizer.codebook_size)).name,
+        "codes_shape": ([n_views] if n_views > 1 else []) + index_shape,
+        "class_to_idx": dict(source.class_to_idx),
+        "source": {"root": source.root, "kind": source.kind, "count": len(source), "sha256": source.fingerprint()},
+        "shard_size": int(shard_size),
+    }
+    plan["plan_id"] = plan_id(_identity(plan))
+    return plan
+
+
+def _identity(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan without the things that may change between runs without changing the shards (the source root)."""
+    ident = dict(plan)
+    ident["source"] = {k: v for k, v in plan["source"].items() if k != "root"}
+    ident.pop("plan_id", None)
+    return ident
+
+
+def _diff_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old.get("source", {}).get("sha256") != new["source"]["sha256"]:
+        return f"the input list changed ({old.get('source', {}).get('count')} -> {new['source']['count']} inputs)"
+    if old.get("tokenizer", {}).get("checkpoint_sha256") != new["tokenizer"]["checkpoint_sha256"]:
+        return "the tokenizer checkpoint changed"
+    keys = [k for k in ("preprocessing", "views", "dtype", "shard_size") if old.get(k) != new.get(k)]
+    return f"the settings changed ({', '.join(keys) or 'plan'})"
+
+
+def prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> str | None:
+    """Create ``out`` with ``plan.json``, accept a resume of the same plan, or return why it is refused."""
+    plan_path = out / PLAN
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file: choose a folder"
+    if plan_path.is_file():
+        try:
+            old = json.loads(plan_path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("plan_id") == plan["plan_id"]:
+            return None
+        if not overwrite:
+            return f"{out} holds shards of another plan: {_diff_reason(old, plan)}; pass --overwrite or another --out"
+        _clean(out)
+    elif out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).exists() and not (out / SHARD_DIR).exists():
+            return f"--out {out} exists and is not a tokkit shard set: choose a new or empty folder"
+        if not overwrite:
+            return f"{out} holds shards without a plan.json: pass --overwrite or another --out"
+        _clean(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(plan_path, canonical_json(plan).encode())
+    return None
+
+
+def _clean(out: Path) -> None:
+    for name in (MANIFEST, ERRORS, PLAN):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+
+
+def _batches(specs: list[ShardSpec], batch_size: int) -> tuple[list[list[int]], list[tuple[ShardSpec, bool]]]:
+    """Index batches that never straddle shards, and for each its shard and whether it closes the shard."""
+    batches, meta = [], []
+    for s in specs:
+        starts = list(range(s.start, s.stop, batch_size))
+        for k, a in enumerate(starts):
+            batches.append(list(range(a, min(a + batch_size, s.stop))))
+            meta.append((s, k == len(starts) - 1))
+    return batches, meta
+
+
+class _ShardBuffer:
+    """Rows of the shard being assembled."""
+
+    def __init__(self) -> None:
+        self.codes: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.indices: list[int] = []
+        self.errors: list[dict[str, Any]] = []
+        self.upscaled = 0
+
+
+def encode_dataset(
+    checkpoint: str | Path,
+    data: str | Path | ImageSource,
+    out: str | Path,
+    *,
+    shard_size: int = 10000,
+    batch_size: int = 64,
+    workers: int = 2,
+    views: str = "none",
+    device: str = "auto",
+    max_errors: float | int | None = DEFAULT_MAX_ERRORS,
+    strict: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+) -> EncodeResult:
+    """Encode every image of ``data`` with the tokenizer at ``checkpoint`` into token shards under ``out``.
+
+    Args:
+        checkpoint: tokenizer checkpoint folder.
+        data: image folder, zip, txt list, npy/npz, ``sample``, or an ``ImageSource``.
+        out: shard set folder (created; resumed when it holds the same plan).
+        shard_size: inputs per shard (the last one shorter).
+        batch_size: images per forward pass (per view set).
+        workers: DataLoader worker processes decoding images.
+        views: ``none``, ``flip`` (2 views) or ``tencrop`` (10), stored as a views axis.
+        device: ``auto``, ``cpu``, ``cuda``...; under torchrun each rank takes its local GPU.
+        max_errors: unreadable inputs tolerated: a fraction of the inputs (< 1) or a count (>= 1).
+        strict: tolerate no unreadable input.
+        overwrite: replace a shard set of another plan (input list, tokenizer or settings changed).
+        reporter: progress sink.
+
+    Returns:
+        An ``EncodeResult`` (on every rank; rank 0 writes the manifest).
+
+    Raises:
+        ShardError: ``out`` holds another plan (without ``overwrite``).
+        DataError: too many unreadable inputs (committed shards are kept), or unreadable ``data``.
+        CheckpointError: bad checkpoint.
+    """
+    from tokkit import distributed as tdist
+    from tokkit.checkpoint import load, read_checkpoint_meta
+
+    t0 = time.perf_counter()
+    rep = resolve(reporter)
+    if views not in VIEWS:
+        raise ConfigError(f"unknown --views {views!r}: use one of {', '.join(VIEWS)}")
+    if batch_size < 1 or workers < 0:
+        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    info = tdist.init_distributed(device)
+    rank, world, dev = info.rank, info.world_size, info.device
+    out = Path(out)
+    meta = read_checkpoint_meta(checkpoint)
+    model = load(checkpoint, device=dev).eval()
+    source = data if isinstance(data, ImageSource) else open_source(data)
+    plan = build_plan(meta, model, source, views, shard_size)
+    specs = plan_shards(len(source), shard_size)
+    budget = error_budget(len(source), max_errors, strict)
+
+    refusal = prepare_out(out, plan, overwrite) if rank == 0 else None
+    refusal = tdist.broadcast_object(refusal)
+    if refusal:
+        raise ShardError(str(refusal))
+    tdist.barrier()
+    dones = [read_done(out, s, plan["plan_id"]) for s in specs]
+    resumed = sum(d is not None for d in dones)
+    pending = [s for s in specs if dones[s.id] is None and s.id % world == rank]
+    prior_errors = sum(len(d["errors"]) for d in dones if d is not None)
+
+    dtype = np.dtype(plan["dtype"])
+    n_views = plan["views"]["count"]
+    dataset = ImageDataset(source, model.resolution, views=views)
+    batches, batch_meta = _batches(pending, batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    total_inputs = sum(s.stop - s.start for s in pending)
+    rep.start(f"encode {len(pending)} shards" + (f" (rank {rank}/{world})" if world > 1 else ""), total_inputs)
+
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokkit-shard-writer")
+    futures: list[Future] = []
+    buf = _ShardBuffer()
+    new_errors = encoded = done_inputs = 0
+    t_loop = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for (spec, closes), batch in zip(batch_meta, loader, strict=True):
+                images = batch["images"]
+                if len(images):
+                    x = images.to(dev, non_blocking=True)
+                    x = x.reshape(-1, *x.shape[-3:])  # (B[, V], 3, r, r) -> (B*V, 3, r, r)
+                    x = x.float().div_(127.5).sub_(1.0)
+                    with autocast:
+                        ids = model.encode(x)  # (B*V, *index_shape)
+                    ids = ids.reshape(len(images), *plan["codes_shape"])  # -> (B[, V], *index_shape)
+                    buf.codes.append(ids.to("cpu").numpy().astype(dtype))
+                    buf.labels.append(batch["labels"].numpy())
+                    buf.indices += batch["indices"].tolist()
+                    encoded += len(images)
+                buf.upscaled += int(batch["upscaled"])
+                for idx, reason in batch["errors"]:
+                    buf.errors.append({"index": idx, "key": source.keys[idx], "reason": reason})
+                    new_errors += 1
+                if prior_errors + new_errors > budget:
+                    raise _TooManyErrors()
+                done_inputs += len(batch["images"]) + len(batch["errors"])
+                if closes:
+                    futures.append(writer.submit(_commit, out, spec, buf, source, views, dtype, plan, n_views))
+                    buf = _ShardBuffer()
+                    _raise_failed(futures)
+                elapsed = time.perf_counter() - t_loop
+                rep.advance(done_inputs, **{"img/s": done_inputs / max(elapsed, 1e-9), "skipped": new_errors})
+    except _TooManyErrors:
+        _drain(writer, futures)
+        rep.stop()
+        extra = list(buf.errors)
+        if rank == 0:
+            _final_manifest(out, plan, specs, extra_errors=extra)
+        raise DataError(
+            f"{prior_errors + new_errors} unreadable inputs exceed the limit of {budget} "
+            f"({'--strict' if strict else f'--max-errors {max_errors}'}); see {out / ERRORS}; committed shards are "
+            "kept: fix or remove the files, or raise --max-errors, and run again"
+        ) from None
+    except BaseException:
+        _drain(writer, futures)  # finished shards stay committed; the one in progress is redone on resume
+        rep.stop()
+        raise
+    _drain(writer, futures)
+    loop_s = time.perf_counter() - t_loop
+    rep.stop()
+
+    tdist.barrier()
+    manifest = _final_manifest(out, plan, specs) if rank == 0 else None
+    manifest = tdist.broadcast_object(manifest)
+    if manifest["errors"] > budget:
+        raise DataError(
+            f"{manifest['errors']} unreadable inputs exceed the limit of {budget}; see {out / ERRORS}; committed "
+            "shards are kept: fix or remove the files, or raise --max-errors, and run again"
+        )
+    return EncodeResult(
+        out=out,
+        images=int(manifest["count"]),
+        encoded=encoded,
+        shards=(int(manifest["committed_shards"]), int(manifest["num_shards"])),
+        resumed=resumed,
+        skipped=int(manifest["errors"]),
+        upscaled=int(manifest["upscaled"]),
+        seconds=time.perf_counter() - t0,
+        images_per_second=encoded / max(loop_s, 1e-9),
+        complete=bool(manifest["complete"]),
+    )
+
+
+class _TooManyErrors(Exception):
+    pass
+
+
+def _commit(
+    out: Path, spec: ShardSpec, buf: _ShardBuffer, source: ImageSource, views: str, dtype: np.dtype, plan, n_views
+) -> dict[str, Any]:
+    """Background thread: assemble and write one shard (serialize, hash, atomic rename, commit marker)."""
+    shape = tuple(plan["codes_shape"])
+    codes = np.concatenate(buf.codes) if buf.codes else np.zeros((0, *shape), dtype)
+    labels = np.concatenate(buf.labels).astype(np.int32) if buf.labels else np.zeros(0, np.int32)
+    keys = [{"key": source.keys[i], "index": i, "view": views} for i in buf.indices]
+    return write_shard(out, spec, codes, labels, keys, buf.errors, buf.upscaled, plan["plan_id"])
+
+
+def _raise_failed(futures: list[Future]) -> None:
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+
+
+def _drain(writer: ThreadPoolExecutor, futures: list[Future]) -> None:
+    writer.shutdown(wait=True)
+    _raise_failed(futures)
+
+
+def _final_manifest(
+    out: Path, plan: dict[str, Any], specs: list[ShardSpec], extra_errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    dones = [read_done(out, s, plan["plan_id"]) for s in specs]
+    manifest = write_manifest(out, plan, dones)
+    if extra_errors:  # errors of the shard that stopped the run, so that the user sees them all
+        with open(out / ERRORS, "a") as f:
+            f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in extra_errors)
+    return manifest
+
+
+__all__ = ["EncodeResult", "build_plan", "encode_dataset", "error_budget"]
