@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tokkit import metrics as M
-from tokkit.bench import GRID_IMAGES, TokenUsage, bench
+from tokkit.bench import GRID_IMAGES, TokenUsage, bench, subset_indices
 from tokkit.errors import ConfigError
 from tokkit.progress import RecordingReporter
 
@@ -162,6 +162,7 @@ def test_bench_offline_without_weights_reports_them_unavailable(ckpts, images, t
     for name in ("fsq-recon.png", "fsq-levels.png", "lfq-run-recon.png", "lfq-run-bits.png", "code_frequency.png"):
         assert (out / name).stat().st_size > 1000
     assert rep.phases == [("bench fsq", 12), ("bench lfq-run", 12)]
+    assert r.grid is not None and r.grid[0].shape[0] == GRID_IMAGES  # only the first few images are kept
 
 
 def test_bench_numbers_follow_the_protocol(ckpts, images) -> None:
@@ -173,7 +174,8 @@ def test_bench_numbers_follow_the_protocol(ckpts, images) -> None:
     r = result.results[0]
     assert set(r.metrics) == {"psnr", "psnr_std", "ssim", "ssim_std"} and r.usage == {}
     ds = ImageDataset(open_source(images), 32)
-    x = torch.stack([ds[i]["image"] for i in range(7)])  # (7, 3, 32, 32) uint8
+    assert subset_indices(20, 7) == [0, 2, 5, 8, 11, 14, 17]
+    x = torch.stack([ds[i]["image"] for i in subset_indices(20, 7)])  # (7, 3, 32, 32) uint8
     model = load(ckpts["lfq"])
     y = ((model.decode(model.encode(to_float(x))) + 1) * 127.5).round().to(torch.uint8)
     a, b = x.float() / 255, y.float() / 255
@@ -200,7 +202,6 @@ def test_bench_with_local_weights_runs_rfid_and_lpips(ckpts, images, wdir, tmp_p
     assert set(weights) == {"inception", "alexnet", "lpips-alex"}
     assert weights["inception"]["sha256"] == M.sha256_file(wdir / "weights-inception-2015-12-05-6726825d.pth")
     assert weights["inception"]["official"] is False and weights["lpips-alex"]["official"] is True
-    assert first.grid is not None and first.grid[0].shape[0] == GRID_IMAGES  # only the first few are kept
     assert "not the official file" in (tmp_path / "report.md").read_text()
 
 

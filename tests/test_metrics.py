@@ -194,10 +194,12 @@ def test_frechet_distance_matches_the_general_formula() -> None:
     from torchmetrics.image.fid import _compute_fid
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(100, 16, generator=g, dtype=torch.float64)
-    b = torch.randn(100, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
-    args = (a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
-    assert M.frechet_distance(*args) == pytest.approx(float(_compute_fid(*args)), rel=1e-9)
+    for n in (100, 6):  # full-rank and rank-deficient (fewer samples than the 16 features) covariances
+        a = torch.randn(n, 16, generator=g, dtype=torch.float64)
+        b = torch.randn(n, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+        args = (a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
+        assert M.frechet_distance(*args) == pytest.approx(float(_compute_fid(*args)), rel=1e-6)
+        assert M.frechet_distance(args[0], args[1], args[0], args[1]) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_fid_missing_weights(tmp_path: Path) -> None:

@@ -132,9 +132,8 @@ def brute_force_entropies(z: torch.Tensor, scale: float, temperature: float, gro
 def test_lfq_entropy_matches_brute_force(bits, temperature):
     torch.manual_seed(bits)
     z = torch.randn(64, bits, dtype=torch.float64) * 0.2
-    p = torch.sigmoid(z * 4 / temperature)
     ps_bf, joint_bf, _ = brute_force_entropies(z, 1.0, temperature, [bits])
-    per_sample, codebook = lfq_entropies(p, [bits])  # one group: exact
+    per_sample, codebook = lfq_entropies(z * 4 / temperature, [bits])  # one group: exact
     torch.testing.assert_close(per_sample, ps_bf, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(codebook, joint_bf, rtol=1e-9, atol=1e-9)
 
@@ -146,7 +145,7 @@ def test_lfq_grouped_codebook_entropy_is_sum_of_group_marginals_and_an_upper_bou
     groups = group_sizes(8, 3)
     assert groups == [3, 3, 2]
     _, joint_bf, grouped_bf = brute_force_entropies(z, 1.0, 0.5, groups)
-    _, grouped = lfq_entropies(torch.sigmoid(z * 4 / 0.5), groups)
+    _, grouped = lfq_entropies(z * 4 / 0.5, groups)
     torch.testing.assert_close(grouped, grouped_bf, rtol=1e-9, atol=1e-9)
     assert grouped > joint_bf + 1e-3
 
@@ -256,6 +255,18 @@ def test_vq_chunked_search_matches_brute_force(cosine, k, chunk):
     else:
         expected = torch.cdist(z.double(), table.double()).argmin(1)
     assert torch.equal(nearest_code(z, table, cosine, chunk), expected)
+
+
+def test_vq_search_memory_stays_bounded():
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    q = VQ(dim=8, codebook_size=4096, cosine=True, search_chunk=2**14)
+    x = torch.randn(2, 8, 32, 32)  # N = 2048 tokens: a full score matrix would be 2048 x 4096 floats = 32 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        q(x)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest <= 2**20, f"an op allocated {largest} bytes"
 
 
 def test_vq_search_ties_go_to_the_lowest_index():

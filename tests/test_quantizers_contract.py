@@ -31,9 +31,15 @@ CASES: dict[str, list[dict]] = {
         {"codebook_size": 32, "ema": False},
         {"codebook_size": 32},  # EMA (default)
         {
-            "codebook_size": 256, "codebook_dim": 2, "cosine": True, "groups": 2, "rotation_trick": True,
-            "kmeans_init": True, "kmeans_iters": 2, "dead_code_threshold": 0.05,
-        },  # fmt: skip
+            "codebook_size": 256,
+            "codebook_dim": 2,
+            "cosine": True,
+            "groups": 2,
+            "rotation_trick": True,
+            "kmeans_init": True,
+            "kmeans_iters": 2,
+            "dead_code_threshold": 0.05,
+        },
     ],
     "residual": [
         {"stages": [{"name": "vq", "codebook_size": 16, "ema": False}, {"name": "fsq", "levels": [5, 5, 5]}]},

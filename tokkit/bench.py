@@ -173,6 +173,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def subset_indices(total: int, n: int) -> list[int]:
+    """``n`` indices evenly spaced over ``range(total)`` (``i * total // n``): deterministic, every class covered."""
+    return [i * total // n for i in range(n)] if n < total else list(range(total))
+
+
 def _unique_names(paths: Sequence[Path]) -> list[str]:
     names: list[str] = []
     for p in paths:
@@ -209,7 +214,8 @@ def bench(
         checkpoints: checkpoint folders (or run folders holding ``checkpoint/``).
         data: anything ``tokkit.data.open_source`` opens (folder, .zip, .txt list, .npy/.npz, "sample").
         out: folder for results.json, report.md and the PNGs; nothing is written when None.
-        num_images: the first N images of the (sorted) source; all when None.
+        num_images: use N images evenly spaced over the sorted source (``subset_indices``), so that a subset of a
+            class-sorted folder or zip still covers every class; all when None.
         batch_size: images per batch.
         metrics: a subset of ``METRICS``; bits per token, tokens per image and bits per pixel are always reported.
         weights_dir: folder with the InceptionV3 / AlexNet / VGG16 files (see ``tokkit.metrics``);
@@ -238,6 +244,8 @@ def bench(
         raise ConfigError("give at least one checkpoint folder")
     if num_images is not None and num_images < 1:
         raise ConfigError(f"num_images must be >= 1, got {num_images}")
+    if lpips_net not in M.LPIPS_NETS:
+        raise ConfigError(f"unknown LPIPS net {lpips_net!r}; choose one of: {', '.join(M.LPIPS_NETS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
@@ -352,7 +360,7 @@ def _bench_one(
                 setattr(fid, k, v.clone())
     usage = TokenUsage(model.quantizer) if "usage" in wanted else None
 
-    ds = Subset(ImageDataset(source, r, train=False), range(n_use))
+    ds = Subset(ImageDataset(source, r, train=False), subset_indices(len(source), n_use))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
     sums = {k: 0.0 for k in ("psnr", "psnr_sq", "ssim", "ssim_sq", "lpips")}
     n_inf = 0
@@ -429,6 +437,9 @@ def _bench_one(
     protocol = {
         "num_images": count,
         "images_requested": n_use,
+        "selection": "all images"
+        if n_use == len(source)
+        else f"{n_use} evenly spaced of {len(source)}: i * {len(source)} // {n_use}",
         "unreadable_images": [{"index": i, "reason": why} for i, why in errors],
         "upscaled_images": upscaled,
         "resolution": r,
@@ -471,4 +482,4 @@ def _mean_std(total: float, total_sq: float, n: int) -> tuple[float | None, floa
     return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
 
 
-__all__ = ["METRICS", "BenchResult", "CheckpointResult", "TokenUsage", "bench", "library_versions"]
+__all__ = ["METRICS", "BenchResult", "CheckpointResult", "TokenUsage", "bench", "library_versions", "subset_indices"]

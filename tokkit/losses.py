@@ -53,7 +53,7 @@ def build_perceptual(
     from tokkit.metrics import load_lpips
 
     try:
-        return load_lpips(net, weights_dir=weights_dir, device=device)
+        return PerceptualLoss(load_lpips(net, weights_dir=weights_dir, device=device))
     except WeightsError as e:
         if mode == "lpips":
             raise WeightsError(f"--perceptual lpips needs the LPIPS weights: {e}") from None
@@ -61,6 +61,22 @@ def build_perceptual(
             f"LPIPS weights not available ({e}); training without the perceptual loss (--perceptual none to silence)"
         )
         return None
+
+
+class PerceptualLoss(nn.Module):
+    """An LPIPS distance that first upsamples images smaller than ``min_size`` (AlexNet needs >= ~32 px)."""
+
+    def __init__(self, distance: nn.Module, min_size: int = 64) -> None:
+        super().__init__()
+        self.distance = distance
+        self.min_size = min_size
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        """(B, 3, H, W) x 2 in [-1, 1] -> (B,) distances."""
+        if min(a.shape[-2:]) < self.min_size:
+            scale = self.min_size / min(a.shape[-2:])
+            a, b = (F.interpolate(t, scale_factor=scale, mode="bilinear", align_corners=False) for t in (a, b))
+        return self.distance(a, b)
 
 
 def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -109,6 +125,7 @@ class LeCam(nn.Module):
 
 __all__ = [
     "LeCam",
+    "PerceptualLoss",
     "adaptive_weight",
     "build_perceptual",
     "hinge_d_loss",

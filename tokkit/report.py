@@ -149,7 +149,7 @@ def _markdown_one(r: CheckpointResult, out: Path | None) -> list[str]:
         + (f" ({len(p['unreadable_images'])} unreadable)" if p["unreadable_images"] else "")
         + (f"; {p['upscaled_images']} smaller than {p['resolution']} px were upscaled" if p["upscaled_images"] else "")
     ]
-    for key in ("preprocessing", "reference", "reconstruction", "psnr_ssim", "rfid", "lpips"):
+    for key in ("selection", "preprocessing", "reference", "reconstruction", "psnr_ssim", "rfid", "lpips"):
         lines.append(f"- {key}: {p[key]}")
     for w in p["weights"]:
         lines.append(

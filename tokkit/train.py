@@ -8,6 +8,7 @@ A run folder (``out_dir``) holds::
                         data position, RNG of every rank; read with ``weights_only=True``): what ``resume`` needs
     metrics.jsonl       one JSON object per logged step (training losses) or evaluation (PSNR, SSIM, usage ...)
     grids/step-N.png    held-out originals over their reconstructions
+    tensorboard/        the same values as TensorBoard events, when tensorboard is installed
 
 Both folders are written atomically (tmp folder + rename), train_state first, so a run killed at any moment
 resumes from its last train_state with the same weights an uninterrupted run would have had.
@@ -170,8 +171,8 @@ def _adamw(module: nn.Module, lr: float, cfg: TrainConfig, no_decay: tuple[str, 
 
 @torch.no_grad()
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
-        pe.lerp_(p.detach(), 1.0 - decay)
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for be, b in zip(ema.buffers(), model.buffers(), strict=True):
         be.copy_(b)
 
@@ -254,6 +255,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` into ``out/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def read_run_config(out_dir: str | Path) -> tuple[TokenizerConfig, TrainConfig, dict[str, Any]]:
@@ -360,7 +370,7 @@ def train(
 
         step, consumed, bad = 0, 0, set()
         K = model.codebook_size
-        usage_counts = torch.zeros(K if K <= USAGE_LIMIT else 1, dtype=torch.int64)
+        usage_counts = torch.zeros(K if K <= USAGE_LIMIT else 1, dtype=torch.int64, device=dev)
         if resume:
             _load_weights(model, state_dir / "model.safetensors")
             if ema is not None:
@@ -377,7 +387,7 @@ def train(
                 if lecam is not None:
                     lecam.load_state_dict(st["lecam"])
                 step, consumed, bad = int(st["step"]), int(st["consumed"][info.rank]), set(st["bad"])
-                usage_counts = st["usage_counts"].clone()
+                usage_counts = st["usage_counts"].to(dev)
                 _set_rng_state(st["rng"][info.rank])
             except CheckpointError:
                 raise
@@ -417,10 +427,17 @@ def train(
         grids: list[Path] = []
         last_eval: dict[str, float] = {}
 
+        tb = _tensorboard(out) if info.is_main else None
+
         def log(rec: dict[str, Any]) -> None:
             if info.is_main:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
+            if tb is not None:
+                group = "eval" if rec.get("eval") else "train"
+                for k, v in rec.items():
+                    if k not in ("step", "eval") and isinstance(v, (int, float)):
+                        tb.add_scalar(f"{group}/{k}", v, rec["step"])
 
         def save_state() -> None:
             rng_all = _gather(_rng_state(), info)
@@ -434,7 +451,7 @@ def train(
                 if disc is not None:
                     _save_weights(disc, tmp / "disc.safetensors")
                 st = {"step": step, "consumed": consumed_all, "bad": sorted(bad), "rng": rng_all,
-                      "opt": opt.state_dict(), "sched": sched.state_dict(), "usage_counts": usage_counts,
+                      "opt": opt.state_dict(), "sched": sched.state_dict(), "usage_counts": usage_counts.cpu(),
                       "world_size": info.world_size}
                 if d_opt is not None and d_sched is not None:
                     st["d_opt"], st["d_sched"] = d_opt.state_dict(), d_sched.state_dict()
@@ -457,7 +474,7 @@ def train(
             net.train(was_training)
             rec = rec.float().clamp(-1, 1)
             a, b = (eval_x + 1) / 2, (rec + 1) / 2
-            counts = usage_counts.to(dev)
+            counts = usage_counts.clone()
             all_reduce_sum_(counts)
             counts = counts.cpu()
             p = counts[counts > 0].double() / max(1, int(counts.sum()))
@@ -519,7 +536,7 @@ def train(
             if finite.item() < 1:
                 where = last_good[0] or "none (no checkpoint written yet)"
                 raise TrainingDiverged(
-                    f"loss became {float(loss):.4g} at step {step + 1}; last good checkpoint: {where} "
+                    f"loss became {float(loss.detach()):.4g} at step {step + 1}; last good checkpoint: {where} "
                     "(resume it with a lower --lr or a tighter train.grad_clip)"
                 )
             opt.zero_grad(set_to_none=True)
@@ -543,13 +560,12 @@ def train(
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
                 d_opt.step()
-            if d_sched is not None:
-                d_sched.step()
+                d_sched.step()  # the discriminator's own warm-up starts at disc_start
 
             if ema is not None:
                 _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             if K <= USAGE_LIMIT:
-                usage_counts += torch.bincount(q.indices.detach().reshape(-1).cpu(), minlength=K)[:K]
+                usage_counts += torch.bincount(q.indices.detach().reshape(-1), minlength=K)[:K]
             step += 1
             n_img = x.shape[0] * info.world_size
             img_log += n_img
@@ -582,6 +598,8 @@ def train(
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save_state()
         rep.stop()
+        if tb is not None:
+            tb.close()
         if step == resumed_from and not last_eval:  # resumed a finished run: nothing to train, report its state
             last_eval = evaluate()
         if bad and info.is_main:

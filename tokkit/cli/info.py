@@ -59,8 +59,19 @@ def _render(kind: str, facts: dict[str, Any]) -> None:
     for k, v in facts.items():
         if k == "path":
             continue
-        text = json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)
-        if k == "bytes" or k == "weights_bytes":
-            text = f"{v:,} ({v / 2**20:.2f} MiB)"
-        table.add_row(k, text)
+        if isinstance(v, dict) and k != "config":  # one row per field of a nested section
+            for sub, sv in v.items():
+                if sub == "config":
+                    continue
+                table.add_row(f"{k}.{sub}", _text(sub, sv))
+            continue
+        table.add_row(k, _text(k, v))
     console.print(table)
+
+
+def _text(key: str, v: Any) -> str:
+    if key in ("bytes", "weights_bytes") and isinstance(v, int):
+        return f"{v:,} ({v / 2**20:.2f} MiB)"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else str(v)

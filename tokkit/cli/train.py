@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tokkit.cli.common import BatchSizeOpt, DeviceOpt, NprocOpt, RichReporter, WeightsDirOpt, console, handle_errors
+from tokkit.cli.common import DeviceOpt, NprocOpt, RichReporter, WeightsDirOpt, console, handle_errors
 
 
 @handle_errors
@@ -22,7 +22,9 @@ def train(
     ] = "sample",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default runs/<preset>.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (overrides the preset).")] = None,
-    batch_size: Annotated[int | None, BatchSizeOpt] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
     device: DeviceOpt = "auto",
     resume: Annotated[

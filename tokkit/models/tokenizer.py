@@ -123,7 +123,12 @@ class Tokenizer(nn.Module):
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) float in [-1, 1] -> int64 token ids (B, h, w) or (B, h, w, G)."""
         self._check_images(images)
-        return self.quantizer(self.encoder(images)).indices
+        was_training = self.quantizer.training
+        self.quantizer.eval()  # never update codebook statistics (EMA, dead codes) while tokenizing
+        try:
+            return self.quantizer(self.encoder(images)).indices
+        finally:
+            self.quantizer.train(was_training)
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:

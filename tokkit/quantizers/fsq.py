@@ -79,8 +79,10 @@ class FSQ(Quantizer):
             raise ConfigError("FSQ needs levels=[...] or codebook_size=...")
         if levels is None:
             levels = levels_for(int(codebook_size))
-        elif codebook_size is not None and int(codebook_size) != math.prod(levels) and (
-            int(codebook_size) not in FSQ_LEVELS or levels_for(int(codebook_size)) != list(levels)
+        elif (
+            codebook_size is not None
+            and int(codebook_size) != math.prod(levels)
+            and (int(codebook_size) not in FSQ_LEVELS or levels_for(int(codebook_size)) != list(levels))
         ):
             raise ConfigError(f"FSQ levels {list(levels)} do not give codebook_size={codebook_size}; pass only one")
         levels = [int(v) for v in levels]

@@ -96,7 +96,7 @@ def rotation_trick(e: Tensor, q: Tensor) -> Tensor:
     u = e.detach() / e_norm
     qh = q.detach() / q_norm
     w = F.normalize(u + qh, dim=-1)
-    # R e = e - 2 (e.w) w + 2 (e.u) q^   (Householder reflection through w, then one onto q^)
+    # R = I - 2 w w^T + 2 q^ u^T: the rotation in the (u, q^) plane taking u onto q^; applied to e with R constant
     rotated = e - 2 * (e * w).sum(-1, keepdim=True) * w + 2 * (e * u).sum(-1, keepdim=True) * qh
     rotated = rotated * (q_norm / e_norm)
     return q.detach() + (rotated - rotated.detach())
@@ -111,7 +111,8 @@ class VQ(Quantizer):
         codebook_size: number of codes K.
         codebook_dim: dimension of the codes; projections map each head's D/G channels to it and back when it differs
             (default: D/G, no projection).
-        cosine: l2-normalize latents and codes (nearest by cosine similarity).
+        cosine: l2-normalize latents and codes (nearest by cosine similarity). Codes start as N(0, 1) samples
+            (normalized when ``cosine``) unless ``kmeans_init``.
         ema: learn the codebook by exponential moving averages of the assigned latents instead of by loss.
         decay: EMA decay.
         eps: Laplace smoothing of the EMA cluster sizes.

@@ -1,0 +1,108 @@
+"""`tokkit bench` wiring: exit codes, the table, the one-line notes, and the files it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tokkit.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOKKIT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("TOKKIT_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny LFQ checkpoint and 10 random 32x32 images."""
+    from tokkit.checkpoint import save_checkpoint
+    from tokkit.config import TokenizerConfig
+    from tokkit.models.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(
+        resolution=32,
+        base_channels=8,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        z_channels=4,
+        quantizer="lfq",
+        quantizer_kwargs={"codebook_size": 16},
+    )
+    ckpt = save_checkpoint(Tokenizer(cfg).eval(), d / "tiny-lfq")
+    data = d / "images.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    return ckpt, data
+
+
+def test_offline_run_writes_everything_and_exits_0(setup, tmp_path) -> None:
+    ckpt, data = setup
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["bench", str(ckpt), "--data", str(data), "--out", str(out), "-b", "4", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "tiny-lfq" in res.stdout and "n/a" in res.stdout and "PSNR" in res.stdout
+    assert "rFID unavailable" in res.stderr and "weights-inception-2015-12-05-6726825d.pth" in res.stderr
+    assert "LPIPS unavailable" in res.stderr
+    for name in ("results.json", "report.md", "tiny-lfq-recon.png", "tiny-lfq-bits.png", "code_frequency.png"):
+        assert (out / name).is_file(), name
+    r = json.loads((out / "results.json").read_text())["results"][0]
+    assert r["protocol"]["num_images"] == 10 and r["metrics"]["psnr"] > 0 and r["metrics"]["rfid"] is None
+
+
+def test_metrics_subset_and_weights_dir_from_env(setup, tmp_path, monkeypatch) -> None:
+    from tokkit.metrics import make_placeholder_weights
+
+    ckpt, data = setup
+    make_placeholder_weights("alexnet", tmp_path / "w")
+    monkeypatch.setenv("TOKKIT_WEIGHTS_DIR", str(tmp_path / "w"))
+    out = tmp_path / "out"
+    args = ["bench", str(ckpt), "--data", str(data), "--out", str(out), "--metrics", "lpips,psnr", "-n", "4", "-q"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())["results"][0]
+    assert set(r["metrics"]) == {"lpips", "psnr", "psnr_std"} and r["metrics"]["lpips"] > 0
+    assert r["protocol"]["num_images"] == 4 and r["usage"] == {}
+    assert "not the official file" in res.stderr  # placeholder weights are flagged
+    assert not (out / "tiny-lfq-bits.png").exists()  # no usage asked, no usage plot
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--metrics", "psnr,fid"], "unknown metrics fid"),
+        (["--lpips-net", "squeeze"], "unknown LPIPS net"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(setup, tmp_path, extra, message) -> None:
+    ckpt, data = setup
+    res = runner.invoke(app, ["bench", str(ckpt), "--data", str(data), "--out", str(tmp_path), "-q", *extra])
+    assert res.exit_code == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) <= 2
+
+
+def test_missing_checkpoint_and_data_exit_2(setup, tmp_path) -> None:
+    ckpt, data = setup
+    res = runner.invoke(app, ["bench", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "no checkpoint" in res.stderr
+    res = runner.invoke(app, ["bench", str(ckpt), "--data", str(tmp_path / "none.npy"), "--out", str(tmp_path)])
+    assert res.exit_code == 2 and res.stderr.startswith("error:")
+    assert "Traceback" not in res.output
+
+
+def test_help_lists_the_options() -> None:
+    res = runner.invoke(app, ["bench", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--data", "--out", "--num-images", "--metrics", "--weights-dir", "--lpips-net", "--device"):
+        assert opt in res.stdout
