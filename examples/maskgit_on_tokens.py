@@ -8,7 +8,7 @@
 4. iterative parallel decoding of a few token grids, then ``tokkit decode`` -> PNGs and a grid.
 
     python examples/maskgit_on_tokens.py                      # a few minutes on a CPU
-    python examples/maskgit_on_tokens.py --checkpoint runs/sample-fsq --steps 3000
+    python examples/maskgit_on_tokens.py --checkpoint runs/sample-fsq --steps 3000 --batch-size 64
     python examples/maskgit_on_tokens.py --tok-steps 5 --steps 5 --limit 64 --dim 32 --depth 1   # seconds (the test)
 
 Equivalent shell steps: ``tokkit encode CKPT sample --out W/shards --views flip`` and
@@ -57,7 +57,7 @@ def train_tiny_tokenizer(data: str, path: Path, steps: int, seed: int) -> Path:
             opt.step()
             step += 1
             if step % 100 == 0 or step == steps:
-                print(f"  tokenizer step {step}/{steps}  loss {loss.item():.4f}")
+                print(f"  tokenizer step {step}/{steps}  loss {loss.item():.4f}", flush=True)
             if step >= steps:
                 break
     return save_checkpoint(model.eval(), path)
@@ -119,7 +119,7 @@ def train_maskgit(model: MaskGIT, shards: Path, steps: int, batch_size: int, lr:
             sched.step()
             step += 1
             if step % 100 == 0 or step == steps:
-                print(f"  maskgit step {step}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)")
+                print(f"  maskgit step {step}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f} s)", flush=True)
             if step >= steps:
                 break
 
@@ -157,20 +157,22 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--checkpoint", type=Path, default=None, help="tokenizer checkpoint (default: train a tiny one)")
     p.add_argument("--data", default="sample", help="images to encode (folder, zip, npz, 'sample')")
     p.add_argument("--work-dir", type=Path, default=Path("runs/maskgit_example"))
-    p.add_argument("--tok-steps", type=int, default=300, help="steps of the tiny tokenizer (without --checkpoint)")
+    p.add_argument("--tok-steps", type=int, default=200, help="steps of the tiny tokenizer (without --checkpoint)")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N images (quick runs)")
-    p.add_argument("--steps", type=int, default=1500, help="transformer training steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=500, help="transformer training steps")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--samples", type=int, default=8, help="images to generate")
     p.add_argument("--sample-steps", type=int, default=8, help="MaskGIT decoding iterations")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for tokkit encode")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny models gain little from more)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
 

@@ -162,7 +162,7 @@ def test_bench_offline_without_weights_reports_them_unavailable(ckpts, images, t
     for name in ("fsq-recon.png", "fsq-levels.png", "lfq-run-recon.png", "lfq-run-bits.png", "code_frequency.png"):
         assert (out / name).stat().st_size > 1000
     assert rep.phases == [("bench fsq", 12), ("bench lfq-run", 12)]
-    assert r.grid is not None and r.grid[0].shape[0] == GRID_IMAGES  # only the first few images are kept
+    assert r.grid is not None and r.grid[0].shape[0] == GRID_IMAGES  # only a few images are kept
 
 
 def test_bench_numbers_follow_the_protocol(ckpts, images) -> None:

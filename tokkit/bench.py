@@ -3,7 +3,7 @@
 For each checkpoint the images are read at the checkpoint's resolution (resize shorter side + center crop, uint8),
 tokenized, decoded, and the reconstructions rounded to uint8 before any metric; the reference is the same
 preprocessed inputs. Everything is accumulated batch by batch (FID running sums, metric sums, code counts), so memory
-does not grow with the number of images; only the first few images are kept, for the reconstruction grid.
+does not grow with the number of images; only 8 images, spread over the set, are kept for the reconstruction grid.
 
     from tokkit.bench import bench
     result = bench(["runs/a/checkpoint"], "photos/", out="bench_out", num_images=1000)
@@ -61,7 +61,7 @@ class CheckpointResult:
     usage: dict[str, Any]
     protocol: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
-    # for the plots, never in results.json: the first inputs / reconstructions uint8 (N, r, r, 3) and the code
+    # for the plots, never in results.json: a few inputs / reconstructions uint8 (N, r, r, 3) and the code
     # counts sorted from most to least frequent
     grid: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     code_counts: np.ndarray | None = field(default=None, repr=False)
@@ -360,7 +360,9 @@ def _bench_one(
                 setattr(fid, k, v.clone())
     usage = TokenUsage(model.quantizer) if "usage" in wanted else None
 
-    ds = Subset(ImageDataset(source, r, train=False), subset_indices(len(source), n_use))
+    chosen = subset_indices(len(source), n_use)
+    ds = Subset(ImageDataset(source, r, train=False), chosen)
+    grid_keep = {chosen[i] for i in subset_indices(n_use, GRID_IMAGES)}  # a few images, spread over the set
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
     sums = {k: 0.0 for k in ("psnr", "psnr_sq", "ssim", "ssim_sq", "lpips")}
     n_inf = 0
@@ -404,9 +406,10 @@ def _bench_one(
                 if cached_real is None:
                     fid.update(x, real=True)
                 fid.update(y, real=False)
-        if sum(g.shape[0] for g in grid_in) < GRID_IMAGES:
-            grid_in.append(x.cpu())
-            grid_out.append(y.cpu())
+        keep = torch.tensor([int(i) in grid_keep for i in batch["indices"]], dtype=torch.bool)
+        if keep.any():
+            grid_in.append(x.cpu()[keep])
+            grid_out.append(y.cpu()[keep])
         fields: dict[str, float | int | str] = {"img/s": count / max(time.perf_counter() - t0, 1e-9)}
         if "psnr" in wanted and count > n_inf:
             fields["psnr"] = sums["psnr"] / (count - n_inf)
