@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict] = {}
     previous = json.loads((out / "results.json").read_text()).get("rows", {}) if (out / "results.json").exists() else {}
-    recon_rows = [images[:10]]
+    show = np.linspace(0, len(images) - 1, 10).round().astype(int)  # one image per class (the list is class-sorted)
+    recon_rows = [images[show]]
     cfgs = {
         row: row_configs(row, stem, args.steps, [f"train.cpu_threads={args.threads}", *args.sets]) for row in args.rows
     }
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         model = res_model(run / "checkpoint")
         metrics, rec = evaluate(model, images, fd_net, fd_real)
         results[row] = {**metrics, "img_per_s": ips, "train_seconds": wall}
-        recon_rows.append(rec[:10])
+        recon_rows.append(rec[show])
         print(f"{row}: {json.dumps(results[row])}", flush=True)
         (out / "results.json").write_text(
             json.dumps(
