@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from tokkit.config import apply_overrides, get_preset
-from tokkit.data import ImageDataset, collate_skip_bad, open_source, to_float, to_uint8
+from tokkit.data import ImageDataset, collate_skip_bad, make_grid, open_source, to_float, to_uint8
 from tokkit.metrics import psnr, ssim
 from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
 from tokkit.train import train
@@ -294,11 +294,8 @@ def _rows_png(images: torch.Tensor, rows: int, path: Path) -> None:
     """Write (rows * cols) images in [-1, 1] as a PNG with one row per method, upscaled x2."""
     from PIL import Image
 
-    u8 = to_uint8(images).numpy()  # (N, r, r, 3)
-    cols = len(u8) // rows
-    r = u8.shape[1]
-    grid = u8.reshape(rows, cols, r, r, 3).transpose(0, 2, 1, 3, 4).reshape(rows * r, cols * r, 3)
-    img = Image.fromarray(grid)
+    u8 = to_uint8(images).numpy()  # (N, r, r, 3), row-major: method by method
+    img = Image.fromarray(make_grid(u8, ncol=len(u8) // rows, pad=0))
     img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(path)
 
 

@@ -50,6 +50,15 @@ def test_encode_verify_info_decode(ckpt: Path, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "shard-000000.labels.npy" in r.output
 
 
+def test_info_flags_corrupt_checkpoint_weights(ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    r = runner.invoke(app, ["info", str(broken)])
+    assert r.exit_code == 1 and "does not match the sha256" in r.output
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

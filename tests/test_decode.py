@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from test_encode import make_tiny_checkpoint
 
-from tokkit.decode import decode_tokens, make_grid
+from tokkit.data import make_grid
+from tokkit.decode import decode_tokens
 from tokkit.errors import ShardError
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokkit.data.transforms import to_uint8
+from tokkit.data.transforms import make_grid, to_uint8
 from tokkit.errors import ConfigError, ShardError
 from tokkit.progress import Reporter, resolve
 from tokkit.shards import open_shards, read_manifest
@@ -55,18 +54,6 @@ def load_indices(tokens: str | Path, limit: int | None = None, view: int = 0) ->
 def _safe_name(key: str) -> str:
     stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
     return stem.replace("/", "__").replace("\\", "__")
-
-
-def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> one uint8 image of the N tiles on a white background."""
-    n, h, w, _ = images.shape
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = max(1, math.ceil(n / ncol))
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i]
-    return grid
 
 
 def decode_tokens(

@@ -17,7 +17,6 @@ Axis legend: B batch, H/W image height/width.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tokkit.checkpoint import sha256_file as checkpoint_sha256_file
 from tokkit.errors import ConfigError, WeightsError
 
 MANIFEST = "weights.json"
@@ -108,11 +108,7 @@ def sha256_file(path: str | Path) -> str:
 
 @lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return checkpoint_sha256_file(path)  # size and mtime only key the cache
 
 
 def _spec(name: str) -> WeightsSpec:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tokkit.checkpoint import sha256_file
 from tokkit.errors import ShardError
 
 FORMAT = "tokkit-shards/1"
@@ -343,15 +344,6 @@ class VerifyResult:
     def ok(self) -> bool:
         """True when every file matches and the set is complete."""
         return not self.problems and self.complete
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path: str | Path, reporter: Any = None) -> VerifyResult:

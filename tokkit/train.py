@@ -228,20 +228,18 @@ def save_grid(originals: Tensor, reconstructions: Tensor, path: Path, columns: i
     """Write a PNG: rows of originals, each followed by the row of their reconstructions (floats in [-1, 1])."""
     from PIL import Image
 
-    from tokkit.data import to_uint8
+    from tokkit.data import make_grid, to_uint8
 
-    n = originals.shape[0]
+    a, b = to_uint8(originals.float().cpu()).numpy(), to_uint8(reconstructions.float().cpu()).numpy()  # (B, H, W, 3)
+    n = a.shape[0]
     cols = min(columns, n)
-    scale = max(1, math.ceil(min_side / originals.shape[-1]))
-    a, b = to_uint8(originals.float().cpu()), to_uint8(reconstructions.float().cpu())  # (B, H, W, 3) uint8
-    rows = []
+    tiles = []
     for start in range(0, n, cols):
         for src in (a, b):
             chunk = src[start : start + cols]
-            pad = torch.zeros((cols - chunk.shape[0], *chunk.shape[1:]), dtype=torch.uint8)
-            rows.append(torch.cat([chunk, pad]).permute(1, 0, 2, 3).reshape(chunk.shape[1], -1, 3))  # (H, cols*W, 3)
-    grid = torch.cat(rows).numpy()
-    img = Image.fromarray(grid)
+            tiles += [chunk, np.zeros((cols - chunk.shape[0], *chunk.shape[1:]), np.uint8)]  # a short last row: black
+    img = Image.fromarray(make_grid(np.concatenate(tiles), ncol=cols, pad=0))
+    scale = max(1, math.ceil(min_side / originals.shape[-1]))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tokkit.cli.common import console, handle_errors
+from tokkit.cli.common import console, fail, handle_errors
 from tokkit.errors import TokkitError
 
 
@@ -21,12 +21,16 @@ def info(path: Annotated[Path, typer.Argument(help="A checkpoint folder (or run 
     if (path / MANIFEST).is_file() or path.name == MANIFEST:
         _render("shard set", describe(path if path.is_dir() else path.parent))
     else:
-        _render("checkpoint", describe_checkpoint(path))
+        facts = describe_checkpoint(path)
+        _render("checkpoint", facts)
+        if not facts["weights_match"]:
+            msg = "model.safetensors does not match the sha256 in config.json (corrupt or replaced)"
+            raise fail(f"{facts['path']}: {msg}", 1)
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
-    """Facts about a checkpoint folder: config, codebook size, token grid, bits per token, weights size."""
-    from tokkit.checkpoint import WEIGHTS, read_checkpoint_meta, resolve_checkpoint_dir
+    """Facts about a checkpoint folder: config, codebook, token grid, bits per token, weights size and hash check."""
+    from tokkit.checkpoint import WEIGHTS, read_checkpoint_meta, resolve_checkpoint_dir, sha256_file
     from tokkit.config import TokenizerConfig
     from tokkit.models.tokenizer import quantizer_from_config
 
@@ -49,6 +53,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "bits_per_token": round(float(q.bits_per_token), 3) if q is not None else None,
         "weights_bytes": (d / WEIGHTS).stat().st_size,
         "weights_sha256": meta["weights_sha256"],
+        "weights_match": sha256_file(d / WEIGHTS) == meta["weights_sha256"],
         "config": meta["tokenizer"],
         **({"extra": meta["extra"]} if meta.get("extra") else {}),
     }

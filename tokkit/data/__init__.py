@@ -10,9 +10,18 @@
 from tokkit.data.datasets import ImageDataset, collate_skip_bad
 from tokkit.data.images import BACKGROUND, MAX_PIXELS, BadImage, decode_image
 from tokkit.data.sources import IMAGE_EXTENSIONS, ImageSource, open_source
-from tokkit.data.transforms import VIEWS, center_crop_resize, make_views, random_crop_flip, to_float, to_uint8
+from tokkit.data.transforms import (
+    VIEWS,
+    center_crop_resize,
+    make_grid,
+    make_views,
+    random_crop_flip,
+    to_float,
+    to_uint8,
+)
 
 __all__ = [
+    "make_grid",
     "BACKGROUND",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",

@@ -6,6 +6,8 @@ float in [-1, 1] only on the way into the tokenizer (``to_float``). Resizing is 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -43,6 +45,18 @@ def to_uint8(images: Tensor) -> Tensor:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) (clamped, rounded)."""
     x = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
     return x.movedim(-3, -1).contiguous()  # (B, 3, H, W) -> (B, H, W, 3)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one uint8 image of the N tiles on a white background."""
+    n, h, w, _ = images.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = max(1, math.ceil(n / ncol))
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = images[i]
+    return grid
 
 
 def center_crop_resize(img: Image.Image, resolution: int) -> np.ndarray:
