@@ -6,18 +6,22 @@ Without torchrun's variables everything runs single-process (rank 0 of 1) and ev
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from tokkit.errors import ConfigError
 from tokkit.runtime import resolve_device
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,30 @@ def cleanup() -> None:
     """Destroy the process group if one was initialized."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def owns_process_group(fn: F) -> F:
+    """Decorator: when the call initializes torch.distributed itself, tear the group down before returning.
+
+    On success every rank first waits at a barrier, so that no rank exits (closing its gloo/nccl connections) while
+    another is still inside a collective; a rank that exits early can otherwise make its peer abort (SIGABRT).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        owns = not (dist.is_available() and dist.is_initialized())
+        finished = False
+        try:
+            result = fn(*args, **kwargs)
+            finished = True
+            return result
+        finally:
+            if owns and dist.is_available() and dist.is_initialized():
+                if finished:
+                    barrier()
+                cleanup()
+
+    return wrapper  # type: ignore[return-value]
 
 
 def free_port() -> int:

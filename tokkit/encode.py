@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tokkit.data import ImageDataset, ImageSource, collate_skip_bad, open_source
 from tokkit.data.images import BACKGROUND
 from tokkit.data.transforms import TENCROP_SCALE, VIEWS
+from tokkit.distributed import owns_process_group
 from tokkit.errors import ConfigError, DataError, ShardError
 from tokkit.progress import Reporter, resolve
 from tokkit.shards import (
@@ -200,6 +201,7 @@ class _ShardBuffer:
         self.upscaled = 0
 
 
+@owns_process_group
 def encode_dataset(
     checkpoint: str | Path,
     data: str | Path | ImageSource,
