@@ -21,3 +21,12 @@ def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"shared assets not found at {SHARED_ASSETS} (set TOKKIT_SHARED_ASSETS, or clone beside shared/)")
     return SHARED_ASSETS
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and identically across processes) on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

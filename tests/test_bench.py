@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_tiny_checkpoint
 
 from tokkit import metrics as M
 from tokkit.bench import GRID_IMAGES, TokenUsage, bench, subset_indices
@@ -25,21 +26,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _checkpoint(path: Path, quantizer: str, kwargs: dict) -> Path:
-    from tokkit.checkpoint import save_checkpoint
-    from tokkit.config import TokenizerConfig
-    from tokkit.models.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(
-        resolution=32,
-        base_channels=8,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        z_channels=4,
-        quantizer=quantizer,
-        quantizer_kwargs=kwargs,
-    )
-    return save_checkpoint(Tokenizer(cfg).eval(), path)
+    return make_tiny_checkpoint(path, resolution=32, quantizer=quantizer, quantizer_kwargs=kwargs)
 
 
 @pytest.fixture(scope="module")

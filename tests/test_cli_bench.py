@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import make_tiny_checkpoint
 from typer.testing import CliRunner
 
 from tokkit.cli.app import app
@@ -26,22 +26,8 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny LFQ checkpoint and 10 random 32x32 images."""
-    from tokkit.checkpoint import save_checkpoint
-    from tokkit.config import TokenizerConfig
-    from tokkit.models.tokenizer import Tokenizer
-
     d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(
-        resolution=32,
-        base_channels=8,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        z_channels=4,
-        quantizer="lfq",
-        quantizer_kwargs={"codebook_size": 16},
-    )
-    ckpt = save_checkpoint(Tokenizer(cfg).eval(), d / "tiny-lfq")
+    ckpt = make_tiny_checkpoint(d / "tiny-lfq", resolution=32, quantizer="lfq", quantizer_kwargs={"codebook_size": 16})
     data = d / "images.npy"
     np.save(data, np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
     return ckpt, data

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from test_encode import make_folder, make_tiny_checkpoint
+from helpers import make_folder, make_tiny_checkpoint
 from typer.testing import CliRunner
 
 from tokkit.cli.app import app
 
 runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +19,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_encode_verify_info_decode(ckpt: Path, tmp_path: Path) -> None:

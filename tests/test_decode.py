@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_tiny_checkpoint
 from PIL import Image
-from test_encode import make_tiny_checkpoint
 
 from tokkit.data import make_grid
 from tokkit.decode import decode_tokens

@@ -13,54 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_folder, make_tiny_checkpoint
 from PIL import Image
 
 from tokkit.errors import DataError, ShardError
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers shared by the shard / decode / CLI tests
 
 
-def make_tiny_checkpoint(path: Path, seed: int = 0, resolution: int = 16) -> Path:
-    """A randomly initialised FSQ tokenizer (base_channels 8, 16 px -> 8x8 tokens) saved as a checkpoint."""
-    from tokkit.checkpoint import save_checkpoint
-    from tokkit.config import TokenizerConfig
-    from tokkit.models.tokenizer import Tokenizer
-
-    torch.manual_seed(seed)
-    cfg = TokenizerConfig(
-        resolution=resolution, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, z_channels=4,
-        quantizer="fsq", quantizer_kwargs={"levels": [8, 5, 5, 5]},
-    )  # fmt: skip
-    return save_checkpoint(Tokenizer(cfg), path)
-
-
-def make_folder(root: Path, n: int = 24, size: tuple[int, int] = (20, 18), bad: dict[str, bytes] | None = None) -> Path:
-    """root/{a,b}/NNN.png random images (+ extra files given as name -> bytes under root/a)."""
-    rng = np.random.default_rng(1)
-    for i in range(n):
-        cls = "ab"[i % 2]
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / cls / f"{i:03d}.png")
-    for name, data in (bad or {}).items():
-        (root / "a" / name).write_bytes(data)
-    return root
-
-
 def tree_bytes(out: Path) -> dict[str, bytes]:
     """Every file of a shard set (relative path -> bytes), without plan.json's absolute source root."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and identically across processes) on one intra-op thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
