@@ -221,31 +221,16 @@ def _build_presets() -> dict[str, Preset]:
                   "disc_weight": 0.1, "disc_start": 20000, "disc_adaptive": True, "disc_lr": 1e-4,
                   "disc_channels": 128, "lecam_weight": 0.001, "eval_every": 5000, "checkpoint_every": 5000,
                   "eval_images": 32, "num_workers": 8, "ema_decay": 0.999, "log_every": 50}
-    for fam, (small, big) in _FAMILIES.items():
-        out[f"sample-{fam}"] = Preset(
-            f"sample-{fam}",
-            "quickstart: built-in sample photos, minutes on a CPU",
-            TokenizerConfig(**sample_ae, **_copy(small)),
-            TrainConfig(**sample_train),
-        )
-        out[f"cifar10-f4-{fam}"] = Preset(
-            f"cifar10-f4-{fam}",
-            "CIFAR-10; the three families at equal bits/token",
-            TokenizerConfig(**cifar_ae, **_copy(small)),
-            TrainConfig(**cifar_train),
-        )
-        out[f"tinyimagenet-f4-{fam}"] = Preset(
-            f"tinyimagenet-f4-{fam}",
-            "Tiny ImageNet; the ImageNet-256 f16 token grid",
-            TokenizerConfig(**tin_ae, **_copy(small)),
-            TrainConfig(**tin_train),
-        )
-        out[f"imagenet-f16-{fam}"] = Preset(
-            f"imagenet-f16-{fam}",
-            "ImageNet; MaskBit/Open-MAGVIT2-sized AE + GAN (GPUs)",
-            TokenizerConfig(**inet_ae, **_copy(big)),
-            TrainConfig(**inet_train),
-        )
+    kinds = {  # preset prefix -> (description, autoencoder, training, which quantizer size of _FAMILIES)
+        "sample": ("quickstart: built-in sample photos, minutes on a CPU", sample_ae, sample_train, 0),
+        "cifar10-f4": ("CIFAR-10; the three families at equal bits/token", cifar_ae, cifar_train, 0),
+        "tinyimagenet-f4": ("Tiny ImageNet; the ImageNet-256 f16 token grid", tin_ae, tin_train, 0),
+        "imagenet-f16": ("ImageNet; MaskBit/Open-MAGVIT2-sized AE + GAN (GPUs)", inet_ae, inet_train, 1),
+    }
+    for fam, sizes in _FAMILIES.items():
+        for prefix, (description, ae, train, which) in kinds.items():
+            name = f"{prefix}-{fam}"
+            out[name] = Preset(name, description, TokenizerConfig(**ae, **_copy(sizes[which])), TrainConfig(**train))
     return out
 
 
