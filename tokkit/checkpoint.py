@@ -148,6 +148,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     Raises:
         CheckpointError: see ``read_checkpoint_meta``; also weights that do not fit the config.
     """
+    return load_with_meta(path, device)[0]
+
+
+def load_with_meta(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """``load``, also returning the validated ``config.json`` content (so callers need not read and hash it again)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -167,7 +172,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{d / WEIGHTS} does not fit its config.json: {first}") from None
-    return model.to(resolve_device(device)).eval()
+    return model.to(resolve_device(device)).eval(), meta
 
 
-__all__ = ["load", "read_checkpoint_meta", "resolve_checkpoint_dir", "save_checkpoint", "sha256_file"]
+__all__ = ["load", "load_with_meta", "read_checkpoint_meta", "resolve_checkpoint_dir", "save_checkpoint", "sha256_file"]

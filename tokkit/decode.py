@@ -84,13 +84,12 @@ def decode_tokens(
     Raises:
         ShardError: tokens that do not fit the tokenizer (grid or codebook), or an unreadable shard set.
     """
-    from tokkit.checkpoint import load, read_checkpoint_meta
+    from tokkit.checkpoint import load_with_meta
     from tokkit.runtime import resolve_device
 
     rep = resolve(reporter)
     dev = resolve_device(device)
-    meta = read_checkpoint_meta(checkpoint)
-    model = load(checkpoint, device=dev).eval()
+    model, meta = load_with_meta(checkpoint, device=dev)  # verifies the weights' sha256 once
     ids, names, manifest = load_indices(tokens, limit, view)
     expect = tuple(model.index_shape)
     if len(ids) and tuple(ids.shape[1:]) != expect:

@@ -242,7 +242,7 @@ def encode_dataset(
         CheckpointError: bad checkpoint.
     """
     from tokkit import distributed as tdist
-    from tokkit.checkpoint import load, read_checkpoint_meta
+    from tokkit.checkpoint import load_with_meta
 
     t0 = time.perf_counter()
     rep = resolve(reporter)
@@ -253,8 +253,7 @@ def encode_dataset(
     info = tdist.init_distributed(device)
     rank, world, dev = info.rank, info.world_size, info.device
     out = Path(out)
-    meta = read_checkpoint_meta(checkpoint)
-    model = load(checkpoint, device=dev).eval()
+    model, meta = load_with_meta(checkpoint, device=dev)  # verifies the weights' sha256 once
     source = data if isinstance(data, ImageSource) else open_source(data)
     plan = build_plan(meta, model, source, views, shard_size)
     specs = plan_shards(len(source), shard_size)
