@@ -43,7 +43,7 @@ from tokkit.losses import LeCam, adaptive_weight, build_perceptual, hinge_d_loss
 from tokkit.models.discriminator import PatchDiscriminator
 from tokkit.models.tokenizer import Tokenizer
 from tokkit.progress import Reporter, resolve
-from tokkit.quantizers.base import all_reduce_sum_
+from tokkit.quantizers.base import all_reduce_sum_, entropy_bits
 
 USAGE_LIMIT = 2**22  # codebooks up to this size get exact usage counts during training
 
@@ -475,14 +475,13 @@ def train(
             counts = usage_counts.clone()
             all_reduce_sum_(counts)
             counts = counts.cpu()
-            p = counts[counts > 0].double() / max(1, int(counts.sum()))
             eval_ids = q.indices.reshape(-1)
             m = {
                 "psnr": float(psnr(a, b).mean()),
                 "ssim": float(ssim(a, b).mean()) if min(a.shape[-2:]) >= 11 else float("nan"),
                 "l1": float((rec - eval_x).abs().mean()),
                 "usage": float((counts > 0).sum()) / K if K <= USAGE_LIMIT else float("nan"),
-                "perplexity": float(torch.exp(-(p * p.log()).sum())) if K <= USAGE_LIMIT else float("nan"),
+                "perplexity": 2.0 ** entropy_bits(counts) if K <= USAGE_LIMIT else float("nan"),
                 "eval_usage": float(eval_ids.unique().numel()) / K,
             }
             if info.is_main:
