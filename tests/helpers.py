@@ -41,3 +41,17 @@ def make_folder(root: Path, n: int = 24, size: tuple[int, int] = (20, 18), bad: 
     for name, data in (bad or {}).items():
         (root / "a" / name).write_bytes(data)
     return root
+
+
+def tiny_train_sets(*extra: str, checkpoint_every: int = 0) -> list[str]:
+    """``--set`` arguments that make any preset a tiny, fast `tokkit train` run (16 px, 8 base channels)."""
+    sets = [
+        "tokenizer.resolution=16",
+        "tokenizer.base_channels=8",
+        "tokenizer.channel_mult=[1,2]",
+        "train.eval_images=4",
+        "train.eval_every=0",
+        f"train.checkpoint_every={checkpoint_every}",
+        *extra,
+    ]
+    return [a for kv in sets for a in ("--set", kv)]

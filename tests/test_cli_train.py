@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import tiny_train_sets
 from typer.testing import CliRunner
 
 from tokkit.cli.app import app
 
 runner = CliRunner()
 
-TINY = [
-    a
-    for kv in [
-        "tokenizer.resolution=16",
-        "tokenizer.base_channels=8",
-        "tokenizer.channel_mult=[1,2]",
-        "train.eval_images=4",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
-    ]
-    for a in ("--set", kv)
-] + ["--perceptual", "none", "--device", "cpu", "--quiet"]
+TINY = [*tiny_train_sets(), "--perceptual", "none", "--device", "cpu", "--quiet"]
 
 
 def _one_line_error(result, needle: str) -> None:

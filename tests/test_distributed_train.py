@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_train_sets
 
 import tokkit
 from tokkit.distributed import DistInfo, init_distributed, is_main, torchrun_command
@@ -33,20 +34,7 @@ def _tokkit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tokkit", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-SETS = [
-    a
-    for kv in [
-        "tokenizer.resolution=16",
-        "tokenizer.base_channels=8",
-        "tokenizer.channel_mult=[1,2]",
-        "train.eval_images=4",
-        "train.eval_every=0",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "train.warmup_steps=1",
-    ]
-    for a in ("--set", kv)
-]
+SETS = tiny_train_sets("train.log_every=1", "train.warmup_steps=1", checkpoint_every=2)
 
 
 @pytest.mark.slow
