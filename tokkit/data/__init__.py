@@ -9,6 +9,7 @@
 
 from tokkit.data.datasets import ImageDataset, collate_skip_bad
 from tokkit.data.images import BACKGROUND, MAX_PIXELS, BadImage, decode_image
+from tokkit.data.inputs import MAX_INPUT_BYTES, MAX_INPUT_BYTES_ENV, max_input_bytes
 from tokkit.data.sources import IMAGE_EXTENSIONS, ImageSource, open_source
 from tokkit.data.transforms import (
     VIEWS,
@@ -24,6 +25,8 @@ __all__ = [
     "make_grid",
     "BACKGROUND",
     "IMAGE_EXTENSIONS",
+    "MAX_INPUT_BYTES",
+    "MAX_INPUT_BYTES_ENV",
     "MAX_PIXELS",
     "VIEWS",
     "BadImage",
@@ -33,6 +36,7 @@ __all__ = [
     "collate_skip_bad",
     "decode_image",
     "make_views",
+    "max_input_bytes",
     "open_source",
     "random_crop_flip",
     "to_float",

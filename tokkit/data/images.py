@@ -3,7 +3,8 @@
 Every unusual file a real dataset holds is handled here, once:
 
 - zero-byte, truncated or corrupt files and non-images -> ``BadImage`` naming the reason;
-- decompression bombs (more than ``MAX_PIXELS`` pixels) -> ``BadImage`` before any pixel is decoded;
+- decompression bombs (more than ``MAX_PIXELS`` pixels) -> ``BadImage`` before any pixel is decoded (inputs over
+  the byte cap never get here: sources read with the bounds of ``tokkit.data.inputs``);
 - EXIF orientation is applied, so a photo taken sideways comes out upright;
 - CMYK, 16/32-bit (``I;16``, ``I``, ``F``), palette, grayscale (``1``, ``L``, ``LA``) and alpha (``RGBA``, ``PA``)
   images become 8-bit RGB. Transparent pixels are composited on **white** (the usual choice for product photos,

@@ -4,6 +4,13 @@ A source lists its inputs up front (sorted keys, labels, class map) and reads on
 happens at construction, so opening a source of a million files costs a directory walk (or a zip's central
 directory), and a source can be handed to DataLoader worker processes: a zip source reopens its file handle in each
 process (after fork or spawn), and an array source memory-maps ``.npy`` files.
+
+Every read is bounded (``tokkit.data.inputs``): regular files only, at most ``max_input_bytes`` bytes per input
+(``$TOKKIT_MAX_INPUT_BYTES``, 256 MiB by default). A source's ``fingerprint`` changes whenever the bytes it would read
+may have changed, so that a resume never mixes old tokens with new inputs: folders and lists record each file's size
+and modification time (ns), zips each member's CRC-32 and size, arrays a hash of their bytes. The root is left out
+(moving a dataset keeps its fingerprint); a copy that does not keep modification times (``cp`` without ``-p``) gets
+a new one, which refuses a resume rather than risk a wrong one.
 """
 
 from __future__ import annotations
@@ -11,13 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from tokkit.data.images import BadImage, array_to_image, decode_image
+from tokkit.data.arrays import check_layout, labels_to_ids, load_npz
+from tokkit.data.images import BadImage, _first_line, array_to_image, decode_image
+from tokkit.data.inputs import file_kind, read_bounded, read_regular_file, too_large, walk_files
+from tokkit.data.inputs import max_input_bytes as resolve_max_input_bytes
 from tokkit.data.sample import sample_arrays, sample_digest
 from tokkit.errors import DataError
 
@@ -35,15 +47,27 @@ class ImageSource:
         class_to_idx: class name -> label.
         root: where the inputs come from (folder, file, or ``sample``).
         kind: ``folder``, ``zip``, ``list``, ``array`` or ``sample``.
+        max_input_bytes: no input larger than this is read (see ``tokkit.data.inputs``).
+        skipped: what was left out when listing (a second path to the same file, a link loop, an unreadable
+            folder): name -> reason, for the caller to log.
     """
 
     kind = "base"
 
-    def __init__(self, root: str, keys: list[str], labels: list[int], class_to_idx: dict[str, int]) -> None:
+    def __init__(
+        self,
+        root: str,
+        keys: list[str],
+        labels: list[int],
+        class_to_idx: dict[str, int],
+        max_input_bytes: int | str | None = None,
+    ) -> None:
         self.root = root
         self.keys = keys
         self.labels = labels
         self.class_to_idx = class_to_idx
+        self.max_input_bytes = resolve_max_input_bytes(max_input_bytes)
+        self.skipped: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -59,7 +83,10 @@ class ImageSource:
         return [[k, lab] for k, lab in zip(self.keys, self.labels, strict=True)]
 
     def fingerprint(self) -> str:
-        """sha256 of the sorted input list (keys, labels and cheap per-file facts such as size); not of the root."""
+        """sha256 of the sorted input list: keys, labels and per-input facts that change with the bytes, not the root.
+
+        Folders and lists: each file's size and mtime (ns); zips: each member's CRC-32 and size; arrays: their bytes.
+        """
         payload = json.dumps([self.kind, self._fingerprint_items()], separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -94,42 +121,34 @@ def _is_image_name(name: str) -> bool:
 
 
 class FolderSource(ImageSource):
-    """Every image file under a folder, recursively; class subfolders -> labels."""
+    """Every image file under a folder, recursively; class subfolders -> labels.
+
+    Links to folders are followed, but each folder is entered once and each file listed once (``walk_files``); a
+    FIFO, socket or device named like an image is listed and reported as a bad input when read, never opened.
+    """
 
     kind = "folder"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_input_bytes: int | str | None = None) -> None:
         folder = folder.resolve()
-        rel: list[str] = []
-        sizes: dict[str, int] = {}
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX")
-            for f in filenames:
-                if _is_image_name(f):
-                    full = os.path.join(dirpath, f)
-                    key = Path(full).relative_to(folder).as_posix()
-                    rel.append(key)
-                    try:
-                        sizes[key] = os.path.getsize(full)
-                    except OSError:
-                        sizes[key] = -1
-        if not rel:
+        try:
+            facts, skipped = walk_files(str(folder), _is_image_name)
+        except OSError as e:
+            raise DataError(f"cannot list {folder}: {e.strerror or e}") from None
+        if not facts:
             raise DataError(f"no images found under {folder}: expected .jpg/.png/... files (class subfolders optional)")
-        rel.sort()
+        rel = sorted(facts)
         labels, class_to_idx = _labels_from_paths(rel)
-        super().__init__(str(folder), rel, labels, class_to_idx)
-        self._sizes = sizes
+        super().__init__(str(folder), rel, labels, class_to_idx, max_input_bytes)
+        self._facts = facts
+        self.skipped = skipped
 
     def read(self, i: int) -> Image.Image:
         key = self.keys[i]
-        try:
-            data = Path(self.root, key).read_bytes()
-        except OSError as e:
-            raise BadImage(key, f"cannot read file: {e.strerror or e}") from None
-        return decode_image(data, key)
+        return decode_image(read_regular_file(os.path.join(self.root, key), key, self.max_input_bytes), key)
 
     def _fingerprint_items(self) -> list:
-        return [[k, lab, self._sizes.get(k, -1)] for k, lab in zip(self.keys, self.labels, strict=True)]
+        return [[k, lab, *self._facts[k]] for k, lab in zip(self.keys, self.labels, strict=True)]
 
 
 class ZipSource(ImageSource):
@@ -141,7 +160,7 @@ class ZipSource(ImageSource):
 
     kind = "zip"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_input_bytes: int | str | None = None) -> None:
         path = path.resolve()
         try:
             with zipfile.ZipFile(path) as zf:
@@ -151,11 +170,12 @@ class ZipSource(ImageSource):
         infos = [zi for zi in infos if "__MACOSX/" not in zi.filename]
         if not infos:
             raise DataError(f"no images found in {path}: expected .jpg/.png/... members")
-        infos.sort(key=lambda zi: zi.filename)
-        names = [zi.filename for zi in infos]
+        by_name = {zi.filename: zi for zi in infos}  # a name stored twice is one input: the last copy (what reads get)
+        names = sorted(by_name)
+        infos = [by_name[n] for n in names]
         prefix = _common_dir(names)
         labels, class_to_idx = _labels_from_paths([n[len(prefix) :] for n in names])
-        super().__init__(str(path), names, labels, class_to_idx)
+        super().__init__(str(path), names, labels, class_to_idx, max_input_bytes)
         self._facts = {zi.filename: (zi.file_size, zi.CRC) for zi in infos}
         self._zf: zipfile.ZipFile | None = None
         self._pid = -1
@@ -172,11 +192,15 @@ class ZipSource(ImageSource):
         return self._zf
 
     def read(self, i: int) -> Image.Image:
-        key = self.keys[i]
+        key, limit = self.keys[i], self.max_input_bytes
         try:
-            data = self._handle().read(key)
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, ValueError) as e:
-            raise BadImage(key, f"cannot read zip member: {e}") from None
+            zi = self._handle().getinfo(key)
+            if zi.file_size > limit or zi.compress_size > limit:
+                raise BadImage(key, too_large(max(zi.file_size, zi.compress_size), limit, "zip member"))
+            with self._handle().open(zi) as f:  # inflated through a bounded reader: the sizes above may lie
+                data = read_bounded(f, key, limit, "zip member")
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, ValueError, zlib.error) as e:
+            raise BadImage(key, f"cannot read zip member: {_first_line(e)}") from None
         return decode_image(data, key)
 
     def _fingerprint_items(self) -> list:
@@ -186,63 +210,90 @@ class ZipSource(ImageSource):
 class ListSource(ImageSource):
     """Images named in a text file, one path per line (relative paths are relative to the list's folder).
 
-    Blank lines and lines starting with ``#`` are ignored; inputs are sorted. A listed file that is missing is
-    reported as a bad input when read, like any other unreadable file.
+    Blank lines and lines starting with ``#`` are ignored; inputs are sorted, and two lines naming the same path
+    (``a.png``, ``./a.png``) are one input. A listed file that is missing (or not a regular file) is reported as a bad
+    input when read, like any other unreadable file.
     """
 
     kind = "list"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_input_bytes: int | str | None = None) -> None:
         path = path.resolve()
+        _require_regular(path)
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        entries = sorted({ln for ln in lines if ln and not ln.startswith("#")})
+        self._base = path.parent
+        first: dict[str, str] = {}  # normalized path -> the first (sorted) line naming it
+        skipped: dict[str, str] = {}
+        for entry in sorted({ln for ln in lines if ln and not ln.startswith("#")}):
+            norm = os.path.normpath(self._path(entry))
+            if norm in first:
+                skipped[entry] = f"the same file as {first[norm]}"
+            else:
+                first[norm] = entry
+        entries = sorted(first.values())
         if not entries:
             raise DataError(f"{path} lists no image paths: write one path per line")
-        super().__init__(str(path), entries, [-1] * len(entries), {})
-        self._base = path.parent
+        super().__init__(str(path), entries, [-1] * len(entries), {}, max_input_bytes)
+        self.skipped = skipped
+        self._facts = [_stat_facts(self._path(e)) for e in entries]
+
+    def _path(self, key: str) -> str:
+        return key if os.path.isabs(key) else os.path.join(self._base, key)
 
     def read(self, i: int) -> Image.Image:
         key = self.keys[i]
-        p = Path(key) if os.path.isabs(key) else self._base / key
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise BadImage(key, f"cannot read file: {e.strerror or e}") from None
-        return decode_image(data, key)
+        return decode_image(read_regular_file(self._path(key), key, self.max_input_bytes), key)
+
+    def _fingerprint_items(self) -> list:
+        return [[k, lab, *f] for k, lab, f in zip(self.keys, self.labels, self._facts, strict=True)]
+
+
+def _stat_facts(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, (-1, -1) when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _require_regular(path: Path) -> None:
+    """A data file must be a regular file: a FIFO would block, a device (``/dev/zero``) never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise DataError(f"{path} is a {file_kind(mode)}, not a regular file or folder: give a file or a folder")
 
 
 class ArraySource(ImageSource):
-    """A uint8 array of images (N, H, W, 3) (or grayscale (N, H, W)); keys are zero-padded indices."""
+    """A uint8 array of images (N, H, W, 3) (or grayscale (N, H, W) / (N, H, W, 1)); keys are zero-padded indices.
+
+    Labels may be integers (-1 = unlabeled) or strings (see ``tokkit.data.arrays.labels_to_ids``). A layout that
+    could be read two ways, such as (H, W, 3), is refused with the fix rather than guessed.
+    """
 
     kind = "array"
 
     def __init__(
-        self, root: str, images: np.ndarray, labels: np.ndarray | None = None, class_names: list[str] | None = None
+        self,
+        root: str,
+        images: np.ndarray,
+        labels: np.ndarray | list | None = None,
+        class_names: list[str] | None = None,
+        max_input_bytes: int | str | None = None,
     ) -> None:
-        bad_channels = images.ndim == 4 and images.shape[-1] not in (1, 3)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or bad_channels:
-            raise DataError(
-                f"{root}: expected a uint8 array (N, H, W, 3), got {images.dtype} {tuple(images.shape)}; "
-                "convert with (x * 255).round().astype('uint8')"
-            )
+        limit = resolve_max_input_bytes(max_input_bytes)
+        check_layout(root, images, limit)
         n = len(images)
-        if n == 0:
-            raise DataError(f"{root}: the image array is empty")
         width = max(6, len(str(n - 1)))
         keys = [f"{i:0{width}d}" for i in range(n)]
         if labels is None:
-            lab = [-1] * n
-            class_to_idx: dict[str, int] = {}
+            lab, class_to_idx = [-1] * n, {}
         else:
-            labels = np.asarray(labels).reshape(-1)
-            if len(labels) != n:
-                raise DataError(f"{root}: {len(labels)} labels for {n} images")
-            lab = [int(v) for v in labels]
-            if class_names is not None:
-                class_to_idx = {str(c): i for i, c in enumerate(class_names)}
-            else:
-                class_to_idx = {str(v): v for v in sorted(set(lab)) if v >= 0}
-        super().__init__(root, keys, lab, class_to_idx)
+            lab, class_to_idx = labels_to_ids(root, labels, n, class_names)
+        super().__init__(root, keys, lab, class_to_idx, limit)
         self.images = images
 
     def read(self, i: int) -> Image.Image:
@@ -275,48 +326,22 @@ class SampleSource(ArraySource):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _open_npz(path: Path, key: str | None) -> ArraySource:
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    with z:
-        names = list(z.files)
-        if key is None:
-            preferred = [k for k in ("images", "x", "data", "arr_0") if k in names]
-            if preferred:
-                key = preferred[0]
-            else:
-                cands = [k for k in names if z[k].dtype == np.uint8 and z[k].ndim == 4]
-                if len(cands) != 1:
-                    example = (cands or names)[0]
-                    msg = f"{path} holds arrays {names}: name the images as FILE.npz:KEY (e.g. {path}:{example})"
-                    raise DataError(msg)
-                key = cands[0]
-        if key not in names:
-            raise DataError(f"{path} has no array {key!r}; it holds {names}")
-        images = z[key]
-        stem = key[: -len("images")] if key.endswith("images") else ""
-        label_key = next((k for k in (f"{stem}labels", "labels", "y") if k in names and k != key), None)
-        labels = z[label_key] if label_key else None
-        class_names = [str(c) for c in z["class_names"]] if "class_names" in names else None
-    root = f"{path}:{key}"
-    return ArraySource(root, images, labels, class_names)
-
-
-def open_source(spec: str | Path) -> ImageSource:
+def open_source(spec: str | Path, max_input_bytes: int | str | None = None) -> ImageSource:
     """Open an image source.
 
     Args:
         spec: an image folder (recursive; class subfolders -> labels), a ``.zip`` of images (class subfolders inside
             -> labels), a ``.txt`` list of image paths, a ``.npy``/``.npz`` uint8 array (N, H, W, 3) (``FILE.npz:KEY``
-            picks an array; labels from ``labels``/``y``/``<prefix>_labels``), or ``sample`` (the built-in set).
+            picks an array; labels from ``labels``/``y``/``<prefix>_labels``, integers or strings), or ``sample``
+            (the built-in set).
+        max_input_bytes: the most bytes read for one input (a file, a zip member, an ``.npz`` array); default
+            ``$TOKKIT_MAX_INPUT_BYTES`` or 256 MiB. A bigger input is a bad input (or, for an array, refused here).
 
     Returns:
         An ``ImageSource``.
 
     Raises:
-        DataError: missing path, unknown kind, or no images.
+        DataError: missing path, unknown kind, no images, a FIFO or device, an array in an ambiguous layout.
     """
     text = str(spec)
     if text == "sample":
@@ -327,19 +352,22 @@ def open_source(spec: str | Path) -> ImageSource:
     path = Path(text).expanduser()
     if not path.exists():
         raise DataError(f"data not found: {path} (give an image folder, .zip, .txt list, .npy/.npz or 'sample')")
+    _require_regular(path)
     if path.is_dir():
-        return FolderSource(path)
+        return FolderSource(path, max_input_bytes)
     suffix = path.suffix.lower()
     if suffix == ".zip":
-        return ZipSource(path)
+        return ZipSource(path, max_input_bytes)
     if suffix == ".txt":
-        return ListSource(path)
+        return ListSource(path, max_input_bytes)
     if suffix == ".npy":
         try:
-            images = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-        return ArraySource(str(path.resolve()), images)
+            images = np.load(path, mmap_mode="r", allow_pickle=False)  # memory-mapped: never read whole
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"cannot read {path}: {_first_line(e)}") from None
+        return ArraySource(str(path.resolve()), images, max_input_bytes=max_input_bytes)
     if suffix == ".npz":
-        return _open_npz(path.resolve(), npz_key)
+        limit = resolve_max_input_bytes(max_input_bytes)
+        root, images, labels, class_names = load_npz(path.resolve(), npz_key, limit)
+        return ArraySource(root, images, labels, class_names, limit)
     raise DataError(f"cannot read {path} as data: give an image folder, .zip, .txt list, .npy/.npz or 'sample'")
