@@ -8,12 +8,13 @@ Counted operations (in the main process only; DataLoader workers and other child
 
 - ``open:w``: ``open()`` / ``Path.open()`` / ``Path.write_*`` for writing (any mode with ``w``, ``a``, ``x`` or ``+``)
 - ``replace``, ``rename``: ``os.replace`` / ``os.rename`` (and ``Path.replace`` / ``Path.rename``)
-- ``unlink``, ``rmdir``, ``rmtree``, ``mkdir``: ``os.unlink`` / ``os.remove``, ``os.rmdir``, ``shutil.rmtree``, ``os.mkdir``
+- ``unlink``, ``rmdir``, ``rmtree``, ``mkdir``: ``os.unlink`` / ``os.remove``, ``os.rmdir``, ``shutil.rmtree``,
+  ``os.mkdir``
 - ``fsync``: ``os.fsync``
 
 Usage::
 
-    full = run_tokkit(["encode", ...])                    # ops: ["mkdir /x/out", "open:w /x/out/.plan.json.tmp-..", ...]
+    full = run_tokkit(["encode", ...])                    # ops: ["mkdir out", "open:w out/.plan.json.tmp-..", ...]
     k = first_op(full.ops, "replace", "plan.json")        # the kill point: just before plan.json is renamed into place
     killed = run_tokkit(["encode", ...], kill_at=k)
     assert killed.killed
@@ -68,7 +69,8 @@ def install_from_env() -> None:
         with lock:
             count[0] += 1
             if log_fd is not None:
-                write(log_fd, (json.dumps([count[0], kind, path if isinstance(path, int) else os.fspath(path) if path is not None else ""]) + "\n").encode())
+                name = path if isinstance(path, (int, str)) else os.fspath(path) if path is not None else ""
+                write(log_fd, (json.dumps([count[0], kind, name]) + "\n").encode())
             if at and count[0] == at:
                 os.kill(pid, signal.SIGKILL)
 
