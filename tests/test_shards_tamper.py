@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_shards import _write_set
+from typer.testing import CliRunner
 
+from tokkit.cli.app import app
 from tokkit.errors import ShardError
 from tokkit.shards import canonical_json, manifest_sha256, open_shards, remove_temporaries, verify
 
@@ -47,6 +49,8 @@ def test_one_digit_in_the_manifest_is_caught(tmp_path: Path, rehash: bool) -> No
     with pytest.raises(ShardError, match="run tokkit verify") as info:
         open_shards(tmp_path)
     assert "\n" not in str(info.value)
+    r = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 1 and "run tokkit verify" in r.output
     res = verify(tmp_path)
     assert not res.ok and res.repair.endswith("--repair")
     if not rehash:

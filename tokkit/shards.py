@@ -740,10 +740,17 @@ def verify(path: str | Path, reporter: Any = None) -> VerifyResult:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """A summary of a shard set for ``tokkit info``: manifest facts plus bytes on disk."""
+    """A summary of a shard set for ``tokkit info``: manifest facts plus bytes on disk.
+
+    ``problems`` lists what the cheap manifest checks found (``check_manifest``; files are not read).
+    """
     root = Path(path)
     m = read_manifest(root)
-    total = sum(int(rec.get("bytes", 0)) for s in m.get("shards", []) for rec in s.get("files", {}).values())
+    problems = check_manifest(m)
+    try:
+        total = sum(int(rec["bytes"]) for s in m["shards"] for rec in s["files"].values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        total = None
     return {
         "path": str(root),
         "format": m["format"],
@@ -761,6 +768,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tokenizer": m.get("tokenizer"),
         "preprocessing": m.get("preprocessing"),
         "source": m.get("source"),
+        "problems": problems,
     }
 
 
