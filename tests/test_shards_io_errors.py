@@ -120,5 +120,8 @@ def test_decode_to_a_read_only_or_full_folder(
     r = runner.invoke(app, ["decode", str(setup["ckpt"]), str(ids), "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 2 and "Traceback" not in r.output and needle.split(";")[0] in r.output
     monkeypatch.undo()
+    (out / ".000004.png.tmp-0a1b2c3d").write_bytes(b"half")  # what kill -9 leaves
+    (out / ".notes.txt.tmp-0a1b2c3d").write_bytes(b"not ours")
     res = decode_tokens(setup["ckpt"], ids, out, device="cpu")  # the same command, once writable again
-    assert res.count == len(res.files) == 5 == len(list(out.iterdir()))
+    assert res.count == len(res.files) == 5
+    assert sorted(out.iterdir()) == sorted([*res.files, out / ".notes.txt.tmp-0a1b2c3d"])

@@ -4,7 +4,8 @@
 Every input gets its own output file: a shard item is named after its source key (``a/img.bmp`` ->
 ``a__img.bmp.png``; a key that already ends in ``.png`` keeps its name), a ``.npy`` row after its index
 (``000003.png``); a name taken already (case-insensitively, ``grid.png`` included) gets ``-1``, ``-2`` ... Each PNG
-is written to a temporary and renamed, so a file that exists is complete.
+is written to a temporary and renamed, so a file that exists is complete; temporaries of these names left by an
+interrupted run are removed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 from tokkit.data.transforms import make_grid, to_uint8
 from tokkit.errors import ConfigError, ShardError
 from tokkit.progress import Reporter, resolve
-from tokkit.shards import atomic_write_bytes, check_ids, open_shards, read_manifest, writing
+from tokkit.shards import atomic_write_bytes, check_ids, open_shards, read_manifest, temporaries_of, writing
 
 GRID = "grid.png"
 _MAX_NAME = 200  # bytes; file systems allow 255
@@ -197,6 +198,8 @@ def decode_tokens(
     names = output_names(keys)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+        for stale in temporaries_of(out, set(names + [GRID]).__contains__):  # left by kill -9: only our names
+            stale.unlink()
     result = DecodeResult(out, 0)
     tiles = []
     rep.start("decode", len(ids))

@@ -29,7 +29,7 @@ import os
 import re
 import shlex
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +183,19 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
                 tmp.unlink()
 
 
+def temporaries_of(folder: str | Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Files ``.NAME.tmp-XXXXXXXX`` in ``folder`` (an interrupted ``atomic_write_bytes``) whose NAME is ``ours``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and ours(m.group("name")) and p.is_file() and not p.is_symlink():
+            found.append(p)
+    return sorted(found)
+
+
 def temporaries(out: str | Path) -> list[Path]:
     """Temporaries of ours left in a shard set by an interrupted write (``.plan.json.tmp-1a2b3c4d`` ...).
 
@@ -190,15 +203,8 @@ def temporaries(out: str | Path) -> list[Path]:
     or a shard file (``shard-NNNNNN.codes.npy`` ...) in ``out/shards``; never a complete file.
     """
     out = Path(out)
-    found = []
-    for folder, ours in ((out, lambda n: n in (PLAN, MANIFEST, ERRORS)), (out / SHARD_DIR, _SHARD_FILE.match)):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            m = _TMP.match(p.name)
-            if m and ours(m.group("name")) and p.is_file() and not p.is_symlink():
-                found.append(p)
-    return sorted(found)
+    top = temporaries_of(out, lambda name: name in (PLAN, MANIFEST, ERRORS))
+    return top + temporaries_of(out / SHARD_DIR, lambda name: bool(_SHARD_FILE.match(name)))
 
 
 def remove_temporaries(out: str | Path) -> int:
@@ -778,6 +784,8 @@ __all__ = [
     "check_manifest",
     "check_shard",
     "remove_temporaries",
+    "temporaries",
+    "temporaries_of",
     "repair_command",
     "ShardDataset",
     "ShardSpec",
