@@ -138,7 +138,7 @@ def plan_id(plan: dict[str, Any]) -> str:
 
 def write_failure(e: OSError, path: Path | str) -> str:
     """One line for a failed write: what failed, why, and what to do (no space, read-only, a file in the way ...)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         todo = "free some space"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         todo = "make the folder writable or choose another --out"

@@ -18,7 +18,7 @@ def verify(shards: Annotated[Path, typer.Argument(help="Shard set folder (writte
 
     res = verify_shards(shards, reporter=RichReporter())
     for problem in res.problems:
-        err_console.print(f"[bold red]mismatch:[/] {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
     if not res.ok:
         err_console.print(
             f"{len(res.problems)} problem(s) in {shards}; repair with: {res.repair}", highlight=False, soft_wrap=True
