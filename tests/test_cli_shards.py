@@ -19,13 +19,11 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny")
 
 
-
-
 def test_encode_verify_info_decode(ckpt: Path, tmp_path: Path) -> None:
     data = make_folder(tmp_path / "data", n=6)
     out = tmp_path / "shards"
     r = runner.invoke(app, ["encode", str(ckpt), str(data), "--out", str(out), "--shard-size", "4", "-j", "0",
-                            "--views", "flip", "--quiet"])  # fmt: skip
+                            "--views", "flip", "--device", "cpu", "--quiet"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "images" in r.output and "2/2 committed" in r.output
     r = runner.invoke(app, ["verify", str(out)])
@@ -35,13 +33,14 @@ def test_encode_verify_info_decode(ckpt: Path, tmp_path: Path) -> None:
     r = runner.invoke(app, ["info", str(ckpt)])
     assert r.exit_code == 0 and "codebook_size" in r.output and "1000" in r.output
     r = runner.invoke(app, ["decode", str(ckpt), str(out), "--out", str(tmp_path / "png"), "--limit", "2", "--grid",
-                            "--view", "1"])  # fmt: skip
+                            "--view", "1", "--device", "cpu"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (tmp_path / "png" / "grid.png").is_file() and len(list((tmp_path / "png").glob("*.png"))) == 3
 
     (out / "shards" / "shard-000000.labels.npy").write_bytes(b"broken")
     r = runner.invoke(app, ["verify", str(out)])
     assert r.exit_code == 1 and "shard-000000.labels.npy" in r.output
+    assert f"repair with: tokkit encode {ckpt} {data} --out {out} --shard-size 4 --views flip" in r.output
 
 
 def test_info_flags_corrupt_checkpoint_weights(ckpt: Path, tmp_path: Path) -> None:
@@ -62,10 +61,28 @@ def test_info_flags_corrupt_checkpoint_weights(ckpt: Path, tmp_path: Path) -> No
         (["verify", "{tmp}"], "not a tokkit shard set"),
         (["decode", "{ck}", "{tmp}", "--out", "{tmp}/o"], "not a tokkit shard set"),
         (["info", "{tmp}/missing"], "no checkpoint"),
+        (["encode", "{ck}", "sample", "--out", "{tmp}/o", "--shard-size", "0"], "--shard-size must be"),
+        (["encode", "{ck}", "sample", "--out", "{tmp}/o", "--max-errors", "-1"], "--max-errors must be"),
+        (["encode", "{ck}", "sample", "--out", "{tmp}/afile"], "is a file"),
+        (["encode", "{ck}", "sample", "--out", "{tmp}/afile/sub"], "cannot write"),
+        (["decode", "{ck}", "{tmp}/ids.npy", "--out", "{tmp}/o", "--limit", "-1"], "--limit must be"),
+        (["decode", "{ck}", "{tmp}/ids.npy", "--out", "{tmp}/o", "--view", "-2"], "--view must be"),
+        (["decode", "{ck}", "{tmp}/ids.npy", "--out", "{tmp}/afile"], "is a file"),
+        (["decode", "{ck}", "{tmp}/ids.npy", "--out", "{tmp}/afile/sub"], "cannot write"),
+        (["decode", "{ck}", "{tmp}/obj.npy", "--out", "{tmp}/o"], "pickled"),
+        (["decode", "{ck}", "{tmp}/big.npy", "--out", "{tmp}/o"], "outside [0, 1000)"),
     ],
 )
 def test_one_line_errors(ckpt: Path, tmp_path: Path, args: list[str], needle: str) -> None:
-    argv = [a.format(ck=ckpt, tmp=tmp_path) for a in args]
+    import numpy as np
+
+    (tmp_path / "afile").write_text("not a folder")
+    np.save(tmp_path / "ids.npy", np.zeros((2, 8, 8), np.int64))
+    np.save(tmp_path / "big.npy", np.full((2, 8, 8), 2**32 + 1, np.int64))
+    np.save(tmp_path / "obj.npy", np.array([None, {"x": 1}], dtype=object), allow_pickle=True)
+    cpu = ["--device", "cpu"] if args[0] in ("encode", "decode") else []
+    argv = [a.format(ck=ckpt, tmp=tmp_path) for a in args] + cpu
     r = runner.invoke(app, argv)
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output

@@ -32,7 +32,8 @@ def _write_set(out: Path, n: int = 10, shard_size: int = 4, views: int = 1, comp
     for i in range(n):
         codes[i] = (i * 10 + np.arange(views).reshape(-1, 1, 1)) if views > 1 else i
     plan = {"format": FORMAT, "plan_id": "p", "views": {"name": "x", "count": views, "axis": views > 1},
-            "codes_shape": shape, "dtype": "uint16", "shard_size": shard_size}  # fmt: skip
+            "codes_shape": shape, "dtype": "uint16", "shard_size": shard_size, "source": {"count": n},
+            "tokenizer": {"codebook_size": 1000}}  # fmt: skip
     dones = []
     for s in specs:
         if not complete and s.id == len(specs) - 1:
@@ -51,7 +52,8 @@ def test_plan_is_independent_of_everything_but_count_and_size() -> None:
     assert specs[2].name == "shard-000002" and plan_shards(0, 4) == []
     with pytest.raises(ShardError):
         plan_shards(3, 0)
-    assert codes_dtype(65536) == np.uint16 and codes_dtype(65537) == np.int32
+    assert codes_dtype(65536) == np.uint16 and codes_dtype(65537) == np.uint32
+    assert codes_dtype(2**32) == np.uint32 and codes_dtype(2**32 + 1) == np.int64
 
 
 def test_writer_commit_marker_and_manifest(tmp_path: Path) -> None:

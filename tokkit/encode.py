@@ -9,6 +9,10 @@ The pipeline, so that reading, decoding, resizing, writing and hashing hide behi
 
 Batches never straddle shards, so a shard's batches (and its bytes) are the same in a fresh run, a resumed run, or a
 run with another number of processes. Shard ``s`` goes to rank ``s % world_size``.
+
+A rerun first removes the temporaries an interrupted write left (``.NAME.tmp-XXXXXXXX``), then re-checks every committed
+shard against its commit marker (sizes and ``.npy`` headers; with ``repair`` also sha256, key counts and id ranges)
+and re-encodes exactly the shards that fail, so that the result equals an intact run byte for byte.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,20 +39,29 @@ from tokkit.distributed import owns_process_group
 from tokkit.errors import ConfigError, DataError, ShardError
 from tokkit.progress import Reporter, resolve
 from tokkit.shards import (
+    DONE,
     ERRORS,
     FORMAT,
     MANIFEST,
     PLAN,
     SHARD_DIR,
     ShardSpec,
+    as_codes,
     atomic_write_bytes,
     canonical_json,
+    check_shard,
     codes_dtype,
+    entry_of,
+    expected_facts,
     plan_id,
     plan_shards,
     read_done,
+    read_json,
+    remove_temporaries,
+    temporaries,
     write_manifest,
     write_shard,
+    writing,
 )
 
 DEFAULT_MAX_ERRORS = 0.01
@@ -68,6 +82,7 @@ class EncodeResult:
         seconds: wall time of this call.
         images_per_second: ``encoded / seconds`` over the encoding loop.
         complete: the manifest says complete.
+        repaired: committed shards that failed their check (damaged or missing files) and were encoded again.
     """
 
     out: Path
@@ -80,6 +95,34 @@ class EncodeResult:
     seconds: float
     images_per_second: float
     complete: bool
+    repaired: int = 0
+
+
+def check_options(shard_size: int, batch_size: int, workers: int, views: str, max_errors: float | int | None) -> None:
+    """Range-check the numeric options up front (before any heavy work); ConfigError in one line."""
+    if views not in VIEWS:
+        raise ConfigError(f"unknown --views {views!r}: use one of {', '.join(VIEWS)}")
+    for flag, value, low in (
+        ("--shard-size", shard_size, 1),
+        ("--batch-size", batch_size, 1),
+        ("--workers", workers, 0),
+    ):
+        if not _is_count(value, low):
+            raise ConfigError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if max_errors is not None and not (isinstance(max_errors, int | float) and math.isfinite(max_errors)):
+        raise ConfigError(f"--max-errors must be a finite number >= 0, got {max_errors!r}")
+    if max_errors is not None and max_errors < 0:
+        raise ConfigError(f"--max-errors must be >= 0, got {max_errors}")
+
+
+def _is_count(value: Any, low: int) -> bool:
+    """An integer (Python or numpy, not bool) of at least ``low``."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= low
+    except TypeError:
+        return False
 
 
 def error_budget(count: int, max_errors: float | int | None, strict: bool) -> int:
@@ -96,9 +139,18 @@ def error_budget(count: int, max_errors: float | int | None, strict: bool) -> in
 
 
 def build_plan(
-    meta: dict[str, Any], tokenizer: Any, source: ImageSource, views: str, shard_size: int
+    meta: dict[str, Any],
+    tokenizer: Any,
+    source: ImageSource,
+    views: str,
+    shard_size: int,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The identity of an encode: tokenizer, preprocessing, views, dtype, source list and shard size."""
+    """The identity of an encode: tokenizer, preprocessing, views, dtype, source list and shard size.
+
+    ``run`` (checkpoint path, batch size, workers, device type, error budget) is recorded beside it, outside the
+    identity, so that ``tokkit verify`` can name the exact command that repairs the set.
+    """
     n_views = VIEWS[views]
     index_shape = list(tokenizer.index_shape)
     plan = {
@@ -125,16 +177,18 @@ def build_plan(
         "class_to_idx": dict(source.class_to_idx),
         "source": {"root": source.root, "kind": source.kind, "count": len(source), "sha256": source.fingerprint()},
         "shard_size": int(shard_size),
+        **({"run": run} if run else {}),
     }
     plan["plan_id"] = plan_id(_identity(plan))
     return plan
 
 
 def _identity(plan: dict[str, Any]) -> dict[str, Any]:
-    """The plan without the things that may change between runs without changing the shards (the source root)."""
+    """The plan without the things that may change between runs without changing the shards (source root, run)."""
     ident = dict(plan)
     ident["source"] = {k: v for k, v in plan["source"].items() if k != "root"}
     ident.pop("plan_id", None)
+    ident.pop("run", None)
     return ident
 
 
@@ -147,36 +201,101 @@ def _diff_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
     return f"the settings changed ({', '.join(keys) or 'plan'})"
 
 
+def _keep_legacy_dtype(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """A set begun with the old int32 dtype (codebooks of 2^16 to 2^31 codes) resumes in int32, which holds them."""
+    old = read_json(out / PLAN)
+    if not isinstance(old, dict) or old.get("dtype") != "int32" or plan["dtype"] == "int32":
+        return plan
+    if plan["tokenizer"]["codebook_size"] > 2**31:
+        return plan
+    legacy = {**plan, "dtype": "int32"}
+    legacy["plan_id"] = plan_id(_identity(legacy))
+    return legacy if legacy["plan_id"] == old.get("plan_id") else plan
+
+
 def prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> str | None:
-    """Create ``out`` with ``plan.json``, accept a resume of the same plan, or return why it is refused."""
+    """Create ``out`` with ``plan.json``, accept a resume of the same plan, or return why it is refused.
+
+    Temporaries of ours left by an interrupted write are removed first (only in a folder that is ours or holds
+    nothing else), so that a folder left by ``kill -9`` while ``plan.json`` was written is simply resumed. A lost or
+    unreadable ``plan.json`` is rewritten when the commit markers name this very plan.
+    """
     plan_path = out / PLAN
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file: choose a folder"
-    if plan_path.is_file():
-        try:
-            old = json.loads(plan_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("plan_id") == plan["plan_id"]:
-            return None
-        if not overwrite:
-            return f"{out} holds shards of another plan: {_diff_reason(old, plan)}; pass --overwrite or another --out"
-        _clean(out)
-    elif out.is_dir() and any(out.iterdir()):
-        if not (out / MANIFEST).exists() and not (out / SHARD_DIR).exists():
+    if out.is_dir():
+        entries = {p.name for p in out.iterdir()}
+        ours = {p.name for p in temporaries(out) if p.parent == out}
+        if entries & {PLAN, MANIFEST, SHARD_DIR} or entries <= ours:
+            remove_temporaries(out)
+    old = read_json(plan_path)
+    if isinstance(old, dict) and old.get("plan_id") == plan["plan_id"]:
+        return None
+    if out.is_dir() and any(out.iterdir()):
+        if isinstance(old, dict):
+            if not overwrite:
+                reason = _diff_reason(old, plan)
+                return f"{out} holds shards of another plan: {reason}; pass --overwrite or another --out"
+        elif not (out / MANIFEST).exists() and not (out / SHARD_DIR).exists() and not plan_path.exists():
             return f"--out {out} exists and is not a tokkit shard set: choose a new or empty folder"
-        if not overwrite:
-            return f"{out} holds shards without a plan.json: pass --overwrite or another --out"
+        elif _markers_match(out, plan):
+            atomic_write_bytes(plan_path, canonical_json(plan).encode())
+            return None
+        elif not overwrite:
+            return f"{out} holds shards without a readable plan.json: pass --overwrite or another --out"
         _clean(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(plan_path, canonical_json(plan).encode())
     return None
 
 
+def _markers_match(out: Path, plan: dict[str, Any]) -> bool:
+    """True when ``out/shards`` holds commit markers and every readable one belongs to ``plan``."""
+    markers = [read_json(p) for p in (out / SHARD_DIR).glob(f"*{DONE}")]
+    ids = [d.get("plan_id") for d in markers if isinstance(d, dict) and d.get("plan_id") is not None]
+    return bool(ids) and all(i == plan["plan_id"] for i in ids)
+
+
 def _clean(out: Path) -> None:
-    for name in (MANIFEST, ERRORS, PLAN):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+    with writing(out):
+        for name in (PLAN, MANIFEST, ERRORS):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
+
+
+def check_committed(out: Path, plan: dict[str, Any], specs: list[ShardSpec], full: bool) -> list[int]:
+    """Ids of the committed shards whose files fail ``check_shard`` (``full``: also sha256, keys, id ranges)."""
+    expect = expected_facts(plan)
+    bad = []
+    for s in specs:
+        done = read_done(out, s, plan["plan_id"])
+        if done is None:
+            continue
+        try:
+            entry = entry_of(done)
+            problems = check_shard(out, entry, expect, full)
+            if entry["n"] + entry["errors"] != s.stop - s.start:
+                problems.append("counts")
+        except (KeyError, TypeError, ValueError):
+            problems = ["malformed commit marker"]
+        if problems:
+            bad.append(s.id)
+    return bad
+
+
+def _uncommit(out: Path, specs: list[ShardSpec], bad: list[int], plan: dict[str, Any]) -> None:
+    """Forget the commit of the ``bad`` shards (they are encoded again), the manifest first if it lists any pending
+    shard, so that an interrupted repair never leaves a manifest that vouches for a shard being rewritten."""
+    manifest = read_json(out / MANIFEST)
+    entries = manifest.get("shards", []) if isinstance(manifest, dict) else []
+    listed = {e.get("id") for e in entries if isinstance(e, dict)}
+    pending = set(bad) | {s.id for s in specs if read_done(out, s, plan["plan_id"]) is None}
+    with writing(out):
+        if (out / MANIFEST).exists() and (pending & listed or not isinstance(manifest, dict)):
+            (out / MANIFEST).unlink()
+        for sid in bad:
+            (out / SHARD_DIR / f"{specs[sid].name}{DONE}").unlink(missing_ok=True)
 
 
 def _batches(specs: list[ShardSpec], batch_size: int) -> tuple[list[list[int]], list[tuple[ShardSpec, bool]]]:
@@ -215,6 +334,7 @@ def encode_dataset(
     max_errors: float | int | None = DEFAULT_MAX_ERRORS,
     strict: bool = False,
     overwrite: bool = False,
+    repair: bool = False,
     reporter: Reporter | None = None,
 ) -> EncodeResult:
     """Encode every image of ``data`` with the tokenizer at ``checkpoint`` into token shards under ``out``.
@@ -231,13 +351,16 @@ def encode_dataset(
         max_errors: unreadable inputs tolerated: a fraction of the inputs (< 1) or a count (>= 1).
         strict: tolerate no unreadable input.
         overwrite: replace a shard set of another plan (input list, tokenizer or settings changed).
+        repair: re-hash every committed shard (not only its sizes and headers) and re-encode those that fail.
         reporter: progress sink.
 
     Returns:
         An ``EncodeResult`` (on every rank; rank 0 writes the manifest).
 
     Raises:
-        ShardError: ``out`` holds another plan (without ``overwrite``).
+        ConfigError: an option out of range (checked before any heavy work).
+        ShardError: ``out`` holds another plan (without ``overwrite``), or a write failed (no space, read-only ...):
+            committed shards are kept and the same call resumes.
         DataError: too many unreadable inputs (committed shards are kept), or unreadable ``data``.
         CheckpointError: bad checkpoint.
     """
@@ -246,21 +369,31 @@ def encode_dataset(
 
     t0 = time.perf_counter()
     rep = resolve(reporter)
-    if views not in VIEWS:
-        raise ConfigError(f"unknown --views {views!r}: use one of {', '.join(VIEWS)}")
-    if batch_size < 1 or workers < 0:
-        raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+    check_options(shard_size, batch_size, workers, views, max_errors)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file: choose a folder")
     info = tdist.init_distributed(device)
     rank, world, dev = info.rank, info.world_size, info.device
-    out = Path(out)
     model, meta = load_with_meta(checkpoint, device=dev)  # verifies the weights' sha256 once
     source = data if isinstance(data, ImageSource) else open_source(data)
-    plan = build_plan(meta, model, source, views, shard_size)
+    budget_option = 0.0 if strict else float(DEFAULT_MAX_ERRORS if max_errors is None else max_errors)
+    run = {"checkpoint": str(Path(checkpoint).resolve()), "batch_size": batch_size, "workers": workers,
+           "device": dev.type, "max_errors": budget_option}  # fmt: skip
+    plan = _keep_legacy_dtype(out, build_plan(meta, model, source, views, shard_size, run))
     specs = plan_shards(len(source), shard_size)
     budget = error_budget(len(source), max_errors, strict)
 
-    refusal = prepare_out(out, plan, overwrite) if rank == 0 else None
-    refusal = tdist.broadcast_object(refusal)
+    refusal, repaired = None, []
+    if rank == 0:
+        try:
+            refusal = prepare_out(out, plan, overwrite)
+            if refusal is None:
+                repaired = check_committed(out, plan, specs, full=repair)
+                _uncommit(out, specs, repaired, plan)
+        except ShardError as e:  # a failed write: every rank must hear of it
+            refusal = str(e)
+    refusal, repaired = tdist.broadcast_object((refusal, repaired))
     if refusal:
         raise ShardError(str(refusal))
     tdist.barrier()
@@ -302,7 +435,7 @@ def encode_dataset(
                     with autocast:
                         ids = model.encode(x)  # (B*V, *index_shape)
                     ids = ids.reshape(len(images), *plan["codes_shape"])  # -> (B[, V], *index_shape)
-                    buf.codes.append(ids.to("cpu").numpy().astype(dtype))
+                    buf.codes.append(as_codes(ids.to("cpu").numpy(), dtype, plan["tokenizer"]["codebook_size"]))
                     buf.labels.append(batch["labels"].numpy())
                     buf.indices += batch["indices"].tolist()
                     encoded += len(images)
@@ -357,6 +490,7 @@ def encode_dataset(
         seconds=time.perf_counter() - t0,
         images_per_second=encoded / max(loop_s, 1e-9),
         complete=bool(manifest["complete"]),
+        repaired=len(repaired),
     )
 
 
@@ -372,7 +506,8 @@ def _commit(
     codes = np.concatenate(buf.codes) if buf.codes else np.zeros((0, *shape), dtype)
     labels = np.concatenate(buf.labels).astype(np.int32) if buf.labels else np.zeros(0, np.int32)
     keys = [{"key": source.keys[i], "index": i, "view": views} for i in buf.indices]
-    return write_shard(out, spec, codes, labels, keys, buf.errors, buf.upscaled, plan["plan_id"])
+    size = plan["tokenizer"]["codebook_size"]
+    return write_shard(out, spec, codes, labels, keys, buf.errors, buf.upscaled, plan["plan_id"], size)
 
 
 def _raise_failed(futures: list[Future]) -> None:
@@ -392,9 +527,9 @@ def _final_manifest(
     dones = [read_done(out, s, plan["plan_id"]) for s in specs]
     manifest = write_manifest(out, plan, dones)
     if extra_errors:  # errors of the shard that stopped the run, so that the user sees them all
-        with open(out / ERRORS, "a") as f:
+        with writing(out / ERRORS), open(out / ERRORS, "a") as f:
             f.writelines(json.dumps(e, sort_keys=True) + "\n" for e in extra_errors)
     return manifest
 
 
-__all__ = ["EncodeResult", "build_plan", "encode_dataset", "error_budget"]
+__all__ = ["EncodeResult", "build_plan", "check_committed", "check_options", "encode_dataset", "error_budget"]

@@ -4,7 +4,7 @@ Layout of a shard set (see DESIGN.md, "Token shards")::
 
     OUT/plan.json                       what is being encoded (written first; a resume must match it)
     OUT/manifest.json                   written last (tmp + os.replace); complete=true only when all shards are
-    OUT/shards/shard-000123.codes.npy   (n, *index_shape) or (n, V, *index_shape); uint16 / int32
+    OUT/shards/shard-000123.codes.npy   (n, *index_shape) or (n, V, *index_shape); uint16 / uint32 / int64
     OUT/shards/shard-000123.labels.npy  (n,) int32, -1 = unlabeled
     OUT/shards/shard-000123.keys.jsonl  one line per image: source key (relative path), source index, view
     OUT/shards/shard-000123.done.json   commit marker: n, bytes + sha256 of each file, the shard's bad inputs
@@ -12,15 +12,25 @@ Layout of a shard set (see DESIGN.md, "Token shards")::
 
 Shard ``s`` covers inputs ``[s * shard_size, (s + 1) * shard_size)`` of the sorted input list, whatever the number of
 workers or ranks, so a resume skips committed shards and may run with another process count.
+
+Nothing is trusted blindly: the manifest carries its own sha256; ``check_manifest`` (cheap, no file reads) and
+``check_shard`` (file sizes and ``.npy`` headers; with ``full`` also sha256, key counts and id ranges) cross-check the
+manifest, the commit markers and the files. ``open_shards`` runs the cheap checks, ``verify`` all of them, and
+``tokkit encode --repair`` re-encodes exactly the shards that fail.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +47,12 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 ERRORS = "errors.jsonl"
 SHARD_DIR = "shards"
+DONE = ".done.json"
 PARTS = ("codes", "labels", "keys")
 _SUFFIX = {"codes": ".codes.npy", "labels": ".labels.npy", "keys": ".keys.jsonl"}
+# our temporaries: ``.NAME.tmp-XXXXXXXX`` beside NAME (see ``atomic_write_bytes``)
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9a-f]{8}$")
+_SHARD_FILE = re.compile(r"^shard-\d{6,}\.(codes\.npy|labels\.npy|keys\.jsonl|done\.json)$")
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -71,8 +85,41 @@ def plan_shards(count: int, shard_size: int) -> list[ShardSpec]:
 
 
 def codes_dtype(codebook_size: int) -> np.dtype:
-    """uint16 when every id fits (codebook_size <= 65536), else int32."""
-    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+    """The stored dtype that holds every id in [0, codebook_size): uint16 up to 2^16 codes, uint32 up to 2^32, else
+    int64 (sets written before 2^32-code tokenizers existed may hold int32; they stay readable)."""
+    if codebook_size <= 2**16:
+        return np.dtype(np.uint16)
+    if codebook_size <= 2**32:
+        return np.dtype(np.uint32)
+    return np.dtype(np.int64)
+
+
+def id_limit(dtype: np.dtype, codebook_size: int | None = None) -> int:
+    """One past the largest id that ``dtype`` holds (and that the codebook has, when given)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        raise ShardError(f"token ids must be stored as integers, not {dtype}")
+    top = int(np.iinfo(dtype).max) + 1
+    return top if codebook_size is None else min(top, int(codebook_size))
+
+
+def check_ids(ids: np.ndarray, limit: int, what: str = "token ids", hint: str = "") -> None:
+    """ShardError (one line) unless every id of ``ids`` lies in ``[0, limit)``."""
+    if ids.dtype.kind not in "iu":
+        raise ShardError(f"{what} must be integers, not {ids.dtype}")
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= limit:
+        hint = hint or "these tokens are from another tokenizer, or corrupt"
+        raise ShardError(f"{what}: id {lo if lo < 0 else hi} outside [0, {limit}): {hint}")
+
+
+def as_codes(ids: np.ndarray, dtype: np.dtype, codebook_size: int | None = None) -> np.ndarray:
+    """Token ids cast to a shard set's ``dtype``, refusing (never wrapping) any id the dtype or codebook cannot hold."""
+    hint = f"refused rather than wrapped in {np.dtype(dtype)} (the quantizer broke its index contract: a bug)"
+    check_ids(ids, id_limit(dtype, codebook_size), "token ids", hint)
+    return ids.astype(dtype, copy=False)
 
 
 def canonical_json(obj: Any) -> str:
@@ -89,18 +136,84 @@ def plan_id(plan: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------- writer
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+def write_failure(e: OSError, path: Path | str) -> str:
+    """One line for a failed write: what failed, why, and what to do (no space, read-only, a file in the way ...)."""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        todo = "free some space"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = "make the folder writable or choose another --out"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        todo = "a file is in the way of a folder there: choose another --out"
+    else:
+        todo = "check the folder"
+    return f"cannot write {path}: {e.strerror or e}; {todo}, then run the same command again (finished work is kept)"
+
+
+@contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a one-line ``ShardError`` (see ``write_failure``)."""
+    try:
+        yield
+    except OSError as e:
+        raise ShardError(write_failure(e, path)) from None
+
+
+def _write_file(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary ``.NAME.tmp-XXXXXXXX`` in the same folder and ``os.replace``.
+
+    A failed write (no space, read-only ...) removes its temporary and raises a one-line ``ShardError``; ``path`` is
+    then untouched. A temporary left by ``kill -9`` is removed by ``remove_temporaries`` on the next run.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            _write_file(tmp, data, fsync)
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with suppress(OSError):
+            if tmp.exists():  # only after a failure: os.replace consumed it otherwise
+                tmp.unlink()
+
+
+def temporaries_of(folder: str | Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Files ``.NAME.tmp-XXXXXXXX`` in ``folder`` (an interrupted ``atomic_write_bytes``) whose NAME is ``ours``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _TMP.match(p.name)
+        if m and ours(m.group("name")) and p.is_file() and not p.is_symlink():
+            found.append(p)
+    return sorted(found)
+
+
+def temporaries(out: str | Path) -> list[Path]:
+    """Temporaries of ours left in a shard set by an interrupted write (``.plan.json.tmp-1a2b3c4d`` ...).
+
+    Only our names match: ``.NAME.tmp-XXXXXXXX`` where NAME is plan.json, manifest.json or errors.jsonl in ``out``,
+    or a shard file (``shard-NNNNNN.codes.npy`` ...) in ``out/shards``; never a complete file.
+    """
+    out = Path(out)
+    top = temporaries_of(out, lambda name: name in (PLAN, MANIFEST, ERRORS))
+    return top + temporaries_of(out / SHARD_DIR, lambda name: bool(_SHARD_FILE.match(name)))
+
+
+def remove_temporaries(out: str | Path) -> int:
+    """Remove ``temporaries(out)``; returns how many were removed."""
+    found = temporaries(out)
+    for p in found:
+        with writing(p):
+            p.unlink(missing_ok=True)
+    return len(found)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -118,6 +231,7 @@ def write_shard(
     errors: list[dict[str, Any]] | None = None,
     upscaled: int = 0,
     plan: str = "",
+    codebook_size: int | None = None,
 ) -> dict[str, Any]:
     """Write one shard's three files atomically, then its ``done.json`` commit marker (last).
 
@@ -130,14 +244,20 @@ def write_shard(
         errors: the shard's unreadable inputs (``key``, ``index``, ``reason``).
         upscaled: how many of its images were smaller than the resolution.
         plan: the plan id the shard belongs to.
+        codebook_size: when given, every id must lie in [0, codebook_size).
 
     Returns:
         The commit marker's content.
+
+    Raises:
+        ShardError: counts that differ, ids the dtype or codebook cannot hold, or a failed write (one line).
     """
     if not (len(codes) == len(labels) == len(keys)):
         raise ShardError(f"{spec.name}: {len(codes)} codes, {len(labels)} labels and {len(keys)} keys differ")
+    check_ids(codes, id_limit(codes.dtype, codebook_size), f"{spec.name} codes")
     folder = Path(out) / SHARD_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     blobs = {
         "codes": _npy_bytes(codes),
         "labels": _npy_bytes(np.asarray(labels, dtype=np.int32)),
@@ -158,13 +278,13 @@ def write_shard(
         "upscaled": int(upscaled),
         "plan_id": plan,
     }
-    atomic_write_bytes(folder / f"{spec.name}.done.json", canonical_json(done).encode())
+    atomic_write_bytes(folder / f"{spec.name}{DONE}", canonical_json(done).encode())
     return done
 
 
 def read_done(out: str | Path, spec: ShardSpec, plan: str | None = None) -> dict[str, Any] | None:
     """A shard's commit marker, or None when the shard is not committed (or was committed for another plan)."""
-    path = Path(out) / SHARD_DIR / f"{spec.name}.done.json"
+    path = Path(out) / SHARD_DIR / f"{spec.name}{DONE}"
     try:
         done = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -185,11 +305,7 @@ def write_manifest(out: str | Path, plan: dict[str, Any], dones: list[dict[str, 
     committed = [d for d in dones if d is not None]
     errors = [e for d in committed for e in d.get("errors", [])]
     atomic_write_bytes(out / ERRORS, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode())
-    shards = [
-        {"id": d["shard"], "start": d["start"], "stop": d["stop"], "n": d["n"], "errors": len(d.get("errors", [])),
-         "upscaled": d.get("upscaled", 0), "files": d["files"]}
-        for d in committed
-    ]  # fmt: skip
+    shards = [entry_of(d) for d in committed]
     manifest = {
         **{k: v for k, v in plan.items() if k not in ("format",)},
         "format": FORMAT,
@@ -201,8 +317,199 @@ def write_manifest(out: str | Path, plan: dict[str, Any], dones: list[dict[str, 
         "upscaled": sum(d.get("upscaled", 0) for d in committed),
         "shards": shards,
     }
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
     atomic_write_bytes(out / MANIFEST, canonical_json(manifest).encode())
     return manifest
+
+
+def entry_of(done: dict[str, Any]) -> dict[str, Any]:
+    """A commit marker -> the shard's entry in the manifest."""
+    keep = {"id": done["shard"], "start": done["start"], "stop": done["stop"], "n": done["n"]}
+    return {**keep, "errors": len(done.get("errors", [])), "upscaled": done.get("upscaled", 0), "files": done["files"]}
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its own ``manifest_sha256``."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def shard_file_name(shard_id: int, part: str) -> str:
+    """The only name a shard file may have: ``shard-000123.codes.npy`` (parts: codes, labels, keys)."""
+    return shard_name(shard_id) + _SUFFIX[part]
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON of ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a ``.npy`` header, without reading the data; ValueError when it is not a ``.npy``."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return tuple(shape), np.dtype(dtype)
+
+
+def expected_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """What every shard of a set must agree with: dtype, codes shape, id limit, number of classes (or None)."""
+    dtype = np.dtype(facts["dtype"])
+    size = (facts.get("tokenizer") or {}).get("codebook_size")
+    classes = facts.get("class_to_idx")
+    return {
+        "dtype": dtype,
+        "codes_shape": tuple(int(x) for x in facts["codes_shape"]),
+        "limit": id_limit(dtype, int(size) if size is not None else None),
+        "classes": len(classes) if classes else None,
+    }
+
+
+def check_manifest(manifest: dict[str, Any]) -> list[str]:
+    """Cheap consistency checks of a manifest, without reading any shard file.
+
+    Its own sha256; every shard file name has the one allowed form (so that no name reaches outside the shard
+    folder); shard ids increase; each shard's range is ``[id * shard_size, ...)``, contiguous, and holds ``n``
+    items plus its unreadable inputs; the totals (count, errors, committed shards) add up.
+
+    Returns:
+        One line per problem (empty when consistent).
+    """
+    problems = []
+    own = manifest.get("manifest_sha256")
+    if own is not None and own != manifest_sha256(manifest):
+        problems.append("manifest.json was changed after it was written (its manifest_sha256 does not match)")
+    try:
+        problems += _manifest_facts_problems(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        problems.append(f"manifest.json is malformed ({type(e).__name__}: {e})")
+    return problems
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _manifest_facts_problems(m: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    expect = expected_facts(m)
+    if any(d < 1 for d in expect["codes_shape"]):
+        out.append(f"codes_shape {list(expect['codes_shape'])} is not a shape")
+    num, size = int(m["num_shards"]), m.get("shard_size")
+    count = (m.get("source") or {}).get("count")
+    if size is not None and count is not None and num != -(-int(count) // int(size)):
+        out.append(f"num_shards {num} does not fit {count} inputs in shards of {size}")
+    last = -1
+    for e in m["shards"]:
+        sid = e["id"]
+        if not _is_int(sid) or not last < sid < num:
+            out.append(f"shard id {sid!r} out of order or outside [0, {num})")
+            continue
+        last = sid
+        for part in PARTS:
+            rec, want = e["files"][part], shard_file_name(sid, part)
+            if rec["name"] != want:
+                out.append(f"shard {sid}: file name {rec['name']!r} is not {want!r} (refused: it must stay in shards/)")
+            if not _is_int(rec["bytes"]) or rec["bytes"] < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(rec["sha256"])):
+                out.append(f"{want}: bad size or sha256 in the manifest")
+        start, stop, n, errors = e["start"], e["stop"], e["n"], e["errors"]
+        if size is not None:
+            end = min(sid * size + size, int(count)) if count is not None else stop
+            if (start, stop) != (sid * size, end) or not start < stop <= start + size:
+                out.append(f"shard {sid}: range [{start}, {stop}) is not [{sid * size}, {end})")
+        if not (_is_int(n) and _is_int(errors) and n >= 0 and errors >= 0 and n + errors == stop - start):
+            out.append(f"shard {sid}: n={n} and errors={errors} do not add up to its {stop - start} inputs")
+    shards = m["shards"]
+    if m["committed_shards"] != len(shards) or (m["complete"] and len(shards) != num):
+        out.append(f"{len(shards)} shards listed, but committed_shards={m['committed_shards']} of {num}")
+    for key, part in (("count", "n"), ("errors", "errors"), ("upscaled", "upscaled")):
+        total = sum(e.get(part, 0) for e in shards)
+        if m.get(key, total) != total:
+            out.append(f"{key}={m.get(key)} but the shards add up to {total}")
+    return out
+
+
+def check_shard(root: str | Path, entry: dict[str, Any], expect: dict[str, Any], full: bool = False) -> list[str]:
+    """Cross-check one committed shard's files with its entry (a manifest entry, or ``entry_of(marker)``).
+
+    Cheap: every file exists with the recorded size, and the ``.npy`` headers say ``(n, *codes_shape)`` in the set's
+    dtype and ``(n,)`` int32 labels. ``full`` adds the sha256 of every file, the number of keys, and the range of
+    every id (``[0, codebook_size)``) and label (``[-1, classes)``). Paths come from the shard id, never from a
+    recorded name.
+
+    Returns:
+        One line per problem (empty when the shard is intact).
+    """
+    folder = Path(root) / SHARD_DIR
+    sid, n = int(entry["id"]), int(entry["n"])
+    problems = []
+    for part in PARTS:
+        name = shard_file_name(sid, part)
+        rec, f = entry["files"][part], folder / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            problems.append(f"{name}: size {size} != {rec['bytes']} recorded")
+            continue
+        if full and sha256_file(f) != rec["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (the file changed after it was written)")
+            continue
+        problems += _check_content(f, part, n, expect, full)
+    return problems
+
+
+def _check_content(f: Path, part: str, n: int, expect: dict[str, Any], full: bool) -> list[str]:
+    if part == "keys":
+        lines = f.read_bytes().count(b"\n") if full else n
+        return [] if lines == n else [f"{f.name}: {lines} keys for {n} items"]
+    try:
+        shape, dtype = npy_header(f)
+    except (OSError, ValueError) as e:
+        return [f"{f.name}: not a readable .npy ({e})"]
+    want = ((n, *expect["codes_shape"]), expect["dtype"]) if part == "codes" else ((n,), np.dtype(np.int32))
+    if (shape, dtype) != want:
+        return [f"{f.name}: holds {dtype} {shape}, the manifest says {want[1]} {want[0]}"]
+    if not full or n == 0:
+        return []
+    arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    lo, hi = int(arr.min()), int(arr.max())
+    top = expect["limit"] if part == "codes" else (expect["classes"] or 2**31)
+    bottom = 0 if part == "codes" else -1
+    if lo < bottom or hi >= top:
+        what = "id" if part == "codes" else "label"
+        return [f"{f.name}: {what} {lo if lo < bottom else hi} outside [{bottom}, {top})"]
+    return []
+
+
+def repair_command(root: str | Path, facts: dict[str, Any]) -> str:
+    """The ``tokkit encode ... --repair`` command that re-encodes exactly the broken shards of the set at ``root``.
+
+    Built from what the manifest (or plan.json) records of the last run: checkpoint, data, shard size, views,
+    batch size, workers, device and error budget, so that the repaired shards equal an intact run byte for byte.
+    """
+    try:
+        run, src = facts.get("run") or {}, facts.get("source") or {}
+        args = ["tokkit", "encode", str(run.get("checkpoint") or "CHECKPOINT"), str(src.get("root") or "DATA")]
+        args += ["--out", str(root)]
+        views = (facts.get("views") or {}).get("name")
+        for flag, value in (("--shard-size", facts.get("shard_size")), ("--views", views if views != "none" else None),
+                            ("--batch-size", run.get("batch_size")), ("--workers", run.get("workers")),
+                            ("--device", run.get("device")),
+                            ("--max-errors", run.get("max_errors"))):  # fmt: skip
+            if value is not None:
+                args += [flag, str(value)]
+    except (AttributeError, TypeError):
+        args = ["tokkit", "encode", "CHECKPOINT", "DATA", "--out", str(root)]
+    return shlex.join([*args, "--repair"])
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -213,7 +520,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     mpath = p / MANIFEST if p.is_dir() else p
     if not mpath.is_file():
-        hint = " (the encode is unfinished: run the same tokkit encode again)" if (mpath.parent / PLAN).exists() else ""
+        ours = (mpath.parent / PLAN).exists() or (mpath.parent / SHARD_DIR).is_dir()
+        hint = " (the encode is unfinished or lost its manifest: run the same tokkit encode again)" if ours else ""
         raise ShardError(f"no {MANIFEST} in {mpath.parent}: not a tokkit shard set{hint}")
     try:
         manifest = json.loads(mpath.read_text())
@@ -229,7 +537,9 @@ class ShardDataset(Dataset):
     """A map-style Dataset over memory-mapped shards: item ``i`` -> ``(tokens int64 tensor, label int)``.
 
     ``tokens`` is (*index_shape), e.g. (h, w); with ``view="all"`` it is (V, *index_shape). Arrays are memory-mapped
-    lazily in each process (safe with DataLoader workers, fork or spawn).
+    lazily in each process (safe with DataLoader workers, fork or spawn). Opening runs the cheap checks
+    (``check_manifest``, and ``check_shard`` on every shard: sizes and ``.npy`` headers); each item's ids are
+    range-checked as they are read.
 
     Attributes:
         manifest: the shard set's manifest.
@@ -243,6 +553,13 @@ class ShardDataset(Dataset):
         self.manifest = read_manifest(self.root)
         if not self.manifest.get("complete") and not allow_incomplete:
             raise ShardError(f"{self.root} is incomplete: run the same tokkit encode again to finish it")
+        problems = check_manifest(self.manifest)
+        self._expect = expected_facts(self.manifest) if not problems else {}
+        for s in self.manifest["shards"] if not problems else []:
+            problems += check_shard(self.root, s, self._expect)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ShardError(f"{self.root}: {problems[0]}{more}; run tokkit verify {self.root}")
         self.num_views = int(self.manifest.get("views", {}).get("count", 1))
         if isinstance(view, int) and not 0 <= view < self.num_views:
             raise ShardError(f"view {view} out of range: {self.root} stores {self.num_views} view(s)")
@@ -251,19 +568,16 @@ class ShardDataset(Dataset):
         self.view = view
         self.seed = seed
         self._shards = [s for s in self.manifest["shards"] if s["n"] > 0]
-        for s in self._shards:
-            for part in ("codes", "labels"):
-                f = self.root / SHARD_DIR / s["files"][part]["name"]
-                if not f.is_file() or f.stat().st_size != s["files"][part]["bytes"]:
-                    raise ShardError(f"{f.name} is missing or has the wrong size: run tokkit verify {self.root}")
         self._offsets = np.cumsum([0] + [s["n"] for s in self._shards])
         self.labels = np.concatenate(
-            [np.load(self.root / SHARD_DIR / s["files"]["labels"]["name"]) for s in self._shards]
-            or [np.zeros(0, np.int32)]
+            [np.load(self._path(s, "labels"), allow_pickle=False) for s in self._shards] or [np.zeros(0, np.int32)]
         )
         self._codes: dict[int, np.ndarray] = {}
         self._pid = -1
         self._keys: list[str] | None = None
+
+    def _path(self, shard: dict[str, Any], part: str) -> Path:
+        return self.root / SHARD_DIR / shard_file_name(shard["id"], part)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -277,7 +591,7 @@ class ShardDataset(Dataset):
         if self._pid != os.getpid():
             self._codes, self._pid = {}, os.getpid()
         if j not in self._codes:
-            self._codes[j] = np.load(self.root / SHARD_DIR / self._shards[j]["files"]["codes"]["name"], mmap_mode="r")
+            self._codes[j] = np.load(self._path(self._shards[j], "codes"), mmap_mode="r", allow_pickle=False)
         return self._codes[j]
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -297,8 +611,11 @@ class ShardDataset(Dataset):
                 codes = codes[v]
             elif isinstance(self.view, int):
                 codes = codes[self.view]
-        tokens = torch.from_numpy(np.array(codes, dtype=np.int64))
-        return tokens, int(self.labels[i])
+        ids = np.array(codes, dtype=np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self._expect["limit"]):
+            name = shard_file_name(self._shards[j]["id"], "codes")
+            raise ShardError(f"{name} row {row}: a token id outside [0, {self._expect['limit']}); run tokkit verify")
+        return torch.from_numpy(ids), int(self.labels[i])
 
     @property
     def keys(self) -> list[str]:
@@ -306,8 +623,11 @@ class ShardDataset(Dataset):
         if self._keys is None:
             keys: list[str] = []
             for s in self._shards:
-                text = (self.root / SHARD_DIR / s["files"]["keys"]["name"]).read_text()
-                keys += [json.loads(line)["key"] for line in text.splitlines() if line]
+                lines = [ln for ln in self._path(s, "keys").read_text().splitlines() if ln]
+                if len(lines) != s["n"]:
+                    name = shard_file_name(s["id"], "keys")
+                    raise ShardError(f"{name}: {len(lines)} keys for {s['n']} items; run tokkit verify {self.root}")
+                keys += [json.loads(line)["key"] for line in lines]
             self._keys = keys
         return self._keys
 
@@ -322,6 +642,10 @@ def open_shards(
         view: which stored view to return: ``random`` (a fresh choice per access), an index, or ``all``.
         seed: mixed into the random view choice.
         allow_incomplete: read the committed shards of an unfinished encode.
+
+    Raises:
+        ShardError: not a shard set, incomplete (without ``allow_incomplete``), or the manifest, the files and their
+            ``.npy`` headers disagree (tampered or damaged: ``tokkit verify`` names every problem).
     """
     return ShardDataset(path, view=view, seed=seed, allow_incomplete=allow_incomplete)
 
@@ -331,7 +655,10 @@ def open_shards(
 
 @dataclass
 class VerifyResult:
-    """Outcome of ``verify``: ``problems`` names every mismatch (empty when the set is intact)."""
+    """Outcome of ``verify``: ``problems`` names every mismatch (empty when the set is intact).
+
+    ``repair`` is the command that fixes what ``problems`` lists (``tokkit encode ... --repair``).
+    """
 
     path: Path
     shards: int = 0
@@ -339,6 +666,7 @@ class VerifyResult:
     bytes: int = 0
     complete: bool = False
     problems: list[str] = field(default_factory=list)
+    repair: str = ""
 
     @property
     def ok(self) -> bool:
@@ -347,51 +675,88 @@ class VerifyResult:
 
 
 def verify(path: str | Path, reporter: Any = None) -> VerifyResult:
-    """Re-hash every shard file against the manifest.
+    """Check a shard set completely: the manifest against itself, its commit markers, every file and its content.
+
+    The manifest's own sha256 and facts (``check_manifest``); each listed shard's ``done.json`` against its manifest
+    entry and the plan id; each file's size, sha256, ``.npy`` header, key count and id / label ranges
+    (``check_shard(full=True)``); ``errors.jsonl`` against the error count; ``plan.json`` against the plan id.
 
     Args:
         path: the shard set folder.
         reporter: optional ``tokkit.progress.Reporter``.
 
     Returns:
-        A ``VerifyResult``; each problem is one line naming the file (missing, size or sha256 mismatch).
+        A ``VerifyResult``; each problem is one line naming the file or fact; ``repair`` is the command that fixes them.
+
+    Raises:
+        ShardError: ``path`` is not a shard set (neither manifest.json nor plan.json).
     """
     from tokkit.progress import resolve
 
     rep = resolve(reporter)
     root = Path(path)
-    manifest = read_manifest(root)
-    res = VerifyResult(root, complete=bool(manifest.get("complete")))
+    try:
+        manifest = read_manifest(root)
+    except ShardError as e:
+        plan = read_json(root / PLAN)
+        if not isinstance(plan, dict):
+            raise
+        return VerifyResult(root, problems=[str(e)], repair=repair_command(root, plan))
+    res = VerifyResult(root, complete=bool(manifest.get("complete")), repair=repair_command(root, manifest))
     if not res.complete:
         res.problems.append(
             f"incomplete: {manifest.get('committed_shards')} of {manifest.get('num_shards')} shards committed"
         )
+    res.problems += check_manifest(manifest)
+    if len(res.problems) > int(not res.complete):
+        return res  # the manifest itself cannot be trusted: do not follow it to the files
+    expect = expected_facts(manifest)
     rep.start("verify", len(manifest["shards"]))
     for k, s in enumerate(manifest["shards"]):
+        done = read_json(root / SHARD_DIR / f"{shard_name(s['id'])}{DONE}")
+        if not isinstance(done, dict):
+            res.problems.append(f"{shard_name(s['id'])}{DONE}: missing or unreadable (the shard is not committed)")
+        else:
+            try:
+                differ = [k for k, v in entry_of(done).items() if s.get(k) != v]
+            except (KeyError, TypeError):
+                differ = ["(malformed)"]
+            differ += ["plan_id"] if done.get("plan_id") != manifest.get("plan_id") else []
+            if differ:
+                res.problems.append(f"{shard_name(s['id'])}{DONE} and the manifest differ in {', '.join(differ)}")
+        res.problems += check_shard(root, s, expect, full=True)
         for part in PARTS:
-            rec = s["files"][part]
-            f = root / SHARD_DIR / rec["name"]
-            if not f.is_file():
-                res.problems.append(f"{rec['name']}: missing")
-                continue
-            size = f.stat().st_size
-            res.files += 1
-            res.bytes += size
-            if size != rec["bytes"]:
-                res.problems.append(f"{rec['name']}: size {size} != {rec['bytes']} in the manifest")
-            elif sha256_file(f) != rec["sha256"]:
-                res.problems.append(f"{rec['name']}: sha256 mismatch (the file changed after it was written)")
+            f = root / SHARD_DIR / shard_file_name(s["id"], part)
+            if f.is_file():
+                res.files += 1
+                res.bytes += f.stat().st_size
         res.shards += 1
         rep.advance(k + 1)
     rep.stop()
+    try:
+        logged = (root / ERRORS).read_bytes().count(b"\n")
+    except OSError:
+        logged = None
+    if logged is not None and logged < manifest.get("errors", 0):
+        res.problems.append(f"{ERRORS}: {logged} lines for {manifest.get('errors')} unreadable inputs")
+    plan = read_json(root / PLAN)
+    if isinstance(plan, dict) and plan.get("plan_id") != manifest.get("plan_id"):
+        res.problems.append(f"{PLAN} and {MANIFEST} name different plans")
     return res
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """A summary of a shard set for ``tokkit info``: manifest facts plus bytes on disk."""
+    """A summary of a shard set for ``tokkit info``: manifest facts plus bytes on disk.
+
+    ``problems`` lists what the cheap manifest checks found (``check_manifest``; files are not read).
+    """
     root = Path(path)
     m = read_manifest(root)
-    total = sum(rec["bytes"] for s in m["shards"] for rec in s["files"].values())
+    problems = check_manifest(m)
+    try:
+        total = sum(int(rec["bytes"]) for s in m["shards"] for rec in s["files"].values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        total = None
     return {
         "path": str(root),
         "format": m["format"],
@@ -409,11 +774,19 @@ def describe(path: str | Path) -> dict[str, Any]:
         "tokenizer": m.get("tokenizer"),
         "preprocessing": m.get("preprocessing"),
         "source": m.get("source"),
+        "problems": problems,
     }
 
 
 __all__ = [
     "FORMAT",
+    "as_codes",
+    "check_manifest",
+    "check_shard",
+    "remove_temporaries",
+    "temporaries",
+    "temporaries_of",
+    "repair_command",
     "ShardDataset",
     "ShardSpec",
     "VerifyResult",

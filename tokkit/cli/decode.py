@@ -14,14 +14,14 @@ from tokkit.cli.common import BatchSizeOpt, CheckpointArg, DeviceOpt, RichReport
 def decode(
     checkpoint: CheckpointArg,
     tokens: Annotated[Path, typer.Argument(help="Shard set folder (tokkit encode) or a .npy of token ids.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")],
-    limit: Annotated[int | None, typer.Option("--limit", "-n", min=0, help="Decode only the first N.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files (one per item).")],
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Decode only the first N.")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every decoded image.")] = False,
-    view: Annotated[int, typer.Option("--view", min=0, help="Which stored view to decode.")] = 0,
+    view: Annotated[int, typer.Option("--view", help="Which stored view to decode.")] = 0,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Decode token ids back into images."""
+    """Decode token ids back into images: one PNG per item, named after its source key (ranges checked up front)."""
     from tokkit.decode import decode_tokens
 
     res = decode_tokens(

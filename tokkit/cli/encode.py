@@ -28,7 +28,7 @@ def encode(
         str, typer.Argument(help="Image folder, .zip, .txt list of paths, .npy/.npz uint8 array, or 'sample'.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Shard set folder (resumed when it holds the same plan).")],
-    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Inputs per shard.")] = 10000,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Inputs per shard (>= 1).")] = 10000,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = 4,
     views: Annotated[
@@ -37,16 +37,25 @@ def encode(
     device: DeviceOpt = "auto",
     max_errors: Annotated[
         float,
-        typer.Option("--max-errors", min=0, help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."),
+        typer.Option("--max-errors", help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."),
     ] = 0.01,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input.")] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace shards of another plan (changed inputs or tokenizer).")
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair", help="Re-hash every committed shard and re-encode those that fail (see tokkit verify)."
+        ),
+    ] = False,
     nproc_per_node: NprocOpt = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Encode every image of DATA into token shards under --out (resume: run the same command again)."""
+    """Encode every image of DATA into token shards under --out (resume: run the same command again).
+
+    A rerun re-checks committed shards (sizes, headers) and re-encodes any that fail; --repair also re-hashes them.
+    """
     from tokkit import distributed as tdist
     from tokkit.encode import encode_dataset
 
@@ -55,20 +64,21 @@ def encode(
             "encode", str(checkpoint), str(data), "--out", str(out), "--shard-size", str(shard_size),
             "--batch-size", str(batch_size), "--workers", str(workers), "--views", views, "--device", device,
             "--max-errors", repr(max_errors), *(["--strict"] if strict else []),
-            *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else []),
+            *(["--overwrite"] if overwrite else []), *(["--repair"] if repair else []), *(["--quiet"] if quiet else []),
         ]  # fmt: skip
         raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     result = encode_dataset(
         checkpoint, data, out, shard_size=shard_size, batch_size=batch_size, workers=workers, views=views,
-        device=device, max_errors=max_errors, strict=strict, overwrite=overwrite,
+        device=device, max_errors=max_errors, strict=strict, overwrite=overwrite, repair=repair,
         reporter=RichReporter(enabled=main and not quiet),
     )  # fmt: skip
     if not main:
         return
     table = Table(title=f"tokkit encode -> {result.out}", show_header=False)
     table.add_row("images", f"{result.images}")
-    table.add_row("shards", f"{result.shards[0]}/{result.shards[1]} committed ({result.resumed} resumed)")
+    repaired = f", {result.repaired} re-encoded after failing their check" if result.repaired else ""
+    table.add_row("shards", f"{result.shards[0]}/{result.shards[1]} committed ({result.resumed} resumed{repaired})")
     table.add_row("skipped", f"{result.skipped} unreadable (errors.jsonl)")
     table.add_row("upscaled", f"{result.upscaled} smaller than the resolution")
     table.add_row("time", f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s this run)")

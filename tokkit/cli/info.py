@@ -19,7 +19,12 @@ def info(path: Annotated[Path, typer.Argument(help="A checkpoint folder (or run 
     from tokkit.shards import MANIFEST, describe
 
     if (path / MANIFEST).is_file() or path.name == MANIFEST:
-        _render("shard set", describe(path if path.is_dir() else path.parent))
+        root = path if path.is_dir() else path.parent
+        facts = describe(root)
+        problems = facts.pop("problems")
+        _render("shard set", facts)
+        if problems:
+            raise fail(f"{root}: {problems[0]}; run tokkit verify {root}", 1)
     else:
         facts = describe_checkpoint(path)
         _render("checkpoint", facts)
