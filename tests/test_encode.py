@@ -109,7 +109,7 @@ def test_changed_plan_is_refused(ckpt: Path, tmp_path: Path) -> None:
     again = encode_dataset(ckpt, data, tmp_path / "out", **kw)
     assert again.resumed == 1 and again.encoded == 0 and again.complete
     Image.new("RGB", (20, 20)).save(data / "b" / "zzz.png")
-    with pytest.raises(ShardError, match="input list changed") as info:
+    with pytest.raises(ShardError, match="inputs changed") as info:
         encode_dataset(ckpt, data, tmp_path / "out", **kw)
     assert "\n" not in str(info.value) and "--overwrite" in str(info.value)
     (data / "b" / "zzz.png").unlink()

@@ -194,7 +194,10 @@ def _identity(plan: dict[str, Any]) -> dict[str, Any]:
 
 def _diff_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
     if old.get("source", {}).get("sha256") != new["source"]["sha256"]:
-        return f"the input list changed ({old.get('source', {}).get('count')} -> {new['source']['count']} inputs)"
+        n_old, n_new = old.get("source", {}).get("count"), new["source"]["count"]
+        if n_old != n_new:
+            return f"the inputs changed ({n_old} -> {n_new} inputs)"
+        return f"the inputs changed ({n_new} inputs, but files were renamed, replaced or modified: size/mtime/content)"
     if old.get("tokenizer", {}).get("checkpoint_sha256") != new["tokenizer"]["checkpoint_sha256"]:
         return "the tokenizer checkpoint changed"
     keys = [k for k in ("preprocessing", "views", "dtype", "shard_size") if old.get(k) != new.get(k)]
