@@ -122,3 +122,16 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
         launcher.stderr.close()
+
+
+@pytest.mark.slow
+def test_a_rank_error_is_its_one_line_without_torchrun_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tokkit", "train", "--out", str(tmp_path / "none"), "--resume", "--device", "cpu",
+         "--quiet", "--nproc-per-node", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("error: nothing to resume") for ln in lines), done.stderr[-3000:]

@@ -255,12 +255,43 @@ def _option(args: Sequence[str], flag: str) -> str | None:
     return None
 
 
+def _torchrun_quietly(argv: Sequence[str]) -> int:
+    """torchrun (``torch.distributed.run``) without its report of failed ranks; returns the exit code.
+
+    Each rank prints its own error (one line for a ``TokkitError``, a traceback for a bug), so torchrun's screens of
+    ``ChildFailedError`` traceback and logs after it only bury that line. A rank killed by a signal printed nothing:
+    that gets one line here.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(argv)))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        sig = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "a signal"
+        print(f"error: rank {rank} was killed by {sig} (out of memory?); run the same command with --resume to "
+              "continue from the last save", file=sys.stderr)
+        return 1
+    except SignalException as e:  # Ctrl-C or kill: torchrun has stopped the ranks
+        return 128 + int(e.sigval)
+    return 0
+
+
 def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], device: str | None = None) -> int:
     """Run ``tokkit <module_args>`` as ``nproc_per_node`` processes under torchrun on this node; returns the exit code.
 
     The caller must strip ``--nproc-per-node`` from ``module_args`` (or the children would relaunch again). The GPU
-    count is checked first (``device``, default: the ``--device`` in ``module_args``), and torchrun and its ranks die
-    with this process (see ``watch_launcher``).
+    count is checked first (``device``, default: the ``--device`` in ``module_args``), torchrun and its ranks die
+    with this process (see ``watch_launcher``), and a failed rank's own error is all that is printed.
     """
     if launched_by_torchrun():
         raise ConfigError("already running under torchrun: drop --nproc-per-node (torchrun sets the process count)")
@@ -268,7 +299,10 @@ def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], dev
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc_per_node))))
     env[_LAUNCHER_ENV] = str(os.getpid())
-    with subprocess.Popen(torchrun_command(nproc_per_node, module_args), env=env,
+    torchrun = torchrun_command(nproc_per_node, module_args)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    quiet = "import sys; from tokkit.distributed import _torchrun_quietly as t; sys.exit(t(sys.argv[1:]))"
+    with subprocess.Popen([sys.executable, "-c", quiet, *torchrun[3:]], env=env,
                           preexec_fn=_die_with_this_process()) as proc:  # fmt: skip
         try:
             return proc.wait()
