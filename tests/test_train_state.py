@@ -171,3 +171,15 @@ def test_state_without_manifest_is_refused(tmp_path):
     (out / "train_state" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no manifest.json"):
         runstate.load_run_state(out)
+
+
+def test_resume_without_any_save_trains_again_but_never_over_a_lone_checkpoint(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "train_state")
+    result = runner.invoke(app, [*_args(run), "--resume"])
+    assert result.exit_code == 2 and "no train_state/" in result.stderr, result.output
+    assert read_checkpoint_meta(run)["extra"]["step"] == 2  # untouched
+    shutil.rmtree(run / "checkpoint")  # killed before its first save was committed: nothing to lose
+    result = runner.invoke(app, [*_args(run), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "has no save yet" in " ".join(result.stderr.split()) and runstate.load_run_state(run)["step"] == 2

@@ -165,7 +165,8 @@ def recover(out: str | Path) -> list[str]:
         notes.append("discarded an unfinished save (the previous run was stopped before committing it)")
     for p in out.glob(f".{COMMIT}.tmp-*"):
         _remove(p)
-    fsync_dir(out)
+    if notes:
+        fsync_dir(out)
     return notes
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import inspect
 import json
 import math
 import os
@@ -414,6 +415,9 @@ def train(
             if has_run_state(out):
                 state = load_run_state(out)
                 saved[0] = int(state["step"])
+            elif (ckpt_dir / "config.json").exists():
+                raise CheckpointError(f"{out} has a checkpoint/ but no train_state/ to resume from: choose another "
+                                      "--out (or move checkpoint/ away to train this run again from step 0)")
             elif info.is_main:
                 rep.message(f"{out} has no save yet: training it again from step 0")
         elif has_run_state(out) or (ckpt_dir / "config.json").exists():
@@ -513,8 +517,12 @@ def train(
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [dev.index] if dev.type == "cuda" else None
-            ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
-            ddp_disc = DDP(disc, device_ids=ids, broadcast_buffers=False) if disc is not None else None
+            # buffers are not synced in forward (the quantizers all-reduce what must agree); torch >= 2.14 renamed the
+            # flag and warns on the old one (its init sync is harmless here: every rank starts from the same weights)
+            kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
+            ddp_model = DDP(model, device_ids=ids, **kw)
+            ddp_disc = DDP(disc, device_ids=ids, **kw) if disc is not None else None
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
         loader = DataLoader(items, batch_sampler=plan.from_position(consumed), collate_fn=collate_skip_bad,
                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
