@@ -73,6 +73,7 @@ def test_the_same_data_by_another_path_is_not_other_data(photos_run, tmp_path, m
     monkeypatch.chdir(tmp_path)
     result = _train(out, "--resume", "--data", os.path.relpath(photos), steps=3)
     assert result.exit_code == 0, result.output
+    assert _record(out)["data"] == str(photos)  # recorded as an absolute path: a resume from elsewhere finds it
     moved = photos.rename(photos.with_name("moved.npy"))  # a moved dataset: recognized by its fingerprint
     result = _train(out, "--resume", "--data", str(moved), steps=4)
     assert result.exit_code == 0, result.output
