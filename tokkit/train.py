@@ -242,8 +242,12 @@ def save_grid(originals: Tensor, reconstructions: Tensor, path: Path, columns: i
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written PNG behind
+        raise
     return path
 
 
@@ -265,8 +269,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _data_spec(data: str | Path) -> str:
@@ -285,6 +293,7 @@ def _check_data(
 ) -> tuple[str | None, ImageSource | None]:
     """The data a resumed run continues on, and its source: the recorded one unless another is given (and allowed)."""
     flag = "--data" if kind == "data" else "--eval-data"
+    recorded = None if recorded is None else _data_spec(recorded)  # records before absolute paths: from this folder
     if given is None:
         if recorded is None:
             return None, None
@@ -311,6 +320,8 @@ def _storage_error(e: OSError, out: Path, saved: int) -> TokkitError | None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return CheckpointError(f"no space left on the device writing {where}: free some space, then run the same "
                                f"command with --resume (it continues from step {saved}, the last save)")
+    if e.filename is not None and not Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out)):
+        return None  # not the run folder: not for this message
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return ConfigError(f"cannot write to {where} ({e.strerror}): choose another --out, or make it writable")
     if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
