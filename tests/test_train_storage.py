@@ -72,8 +72,9 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("match", "nth"),
-    [(".train_state.tmp-", 6), (".checkpoint.tmp-", 3), (".save.json.tmp-", 2), ("metrics.jsonl", 2)],
-    ids=["train_state", "checkpoint", "commit-record", "metrics"],
+    [(".train_state.tmp-", 6), (".checkpoint.tmp-", 3), (".save.json.tmp-", 2), ("metrics.jsonl", 2),
+     ("/grids/.step-", 1)],
+    ids=["train_state", "checkpoint", "commit-record", "metrics", "grid"],
 )
 def test_full_disk_is_one_line_keeps_the_last_save_and_resume_finishes(reference, tmp_path, monkeypatch, match, nth):
     out = tmp_path / "run"
@@ -81,7 +82,7 @@ def test_full_disk_is_one_line_keeps_the_last_save_and_resume_finishes(reference
         _fail_write(m, match, nth, OSError(errno.ENOSPC, "No space left on device"))
         result = runner.invoke(app, _args(out))
     _one_line_error(result, "no space left", "--resume", "step 2")
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing half-written left
+    assert [p.name for p in out.rglob(".*")] == []  # nothing half-written left
     assert _steps(out) == (2, 2)  # the previous save, whole
     resumed = runner.invoke(app, [*_args(out), "--resume"])  # space freed: the same command with --resume
     assert resumed.exit_code == 0, resumed.output
