@@ -33,7 +33,12 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
     device: DeviceOpt = "auto",
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint left it.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out exactly where its last save left it, on its own data (a save that a kill "
+            "interrupted is finished first).",
+        ),
     ] = False,
     overrides: Annotated[
         list[str] | None,
