@@ -11,6 +11,7 @@ accept either the checkpoint folder or the run folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (files created, renamed, removed) durable; a no-op where folders cannot be synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows, where a folder cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (a full disk raises here, not later)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_replace_dir(tmp: Path, dest: Path) -> None:
     """Move the finished folder ``tmp`` to ``dest``, replacing an old ``dest`` (never leaves ``dest`` half-written)."""
     old = None
@@ -45,8 +69,44 @@ def atomic_replace_dir(tmp: Path, dest: Path) -> None:
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(dest, old)
     os.replace(tmp, dest)
+    fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint_dir(
+    folder: str | Path, state: dict[str, torch.Tensor], config: Any, extra: dict[str, Any] | None = None
+) -> Path:
+    """Create the checkpoint folder ``folder`` (which must not exist) from a state dict, every file fsynced.
+
+    Args:
+        folder: the new folder.
+        state: the ``Tokenizer`` state dict.
+        config: its ``TokenizerConfig``.
+        extra: optional JSON-able notes stored under ``"extra"`` in config.json (e.g. the training step).
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save
+
+    import tokkit
+
+    folder = Path(folder)
+    folder.mkdir()
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": FORMAT})
+    write_durable(folder / WEIGHTS, blob)
+    meta = {
+        "format": FORMAT,
+        "tokkit_version": tokkit.__version__,
+        "tokenizer": config.to_dict(),
+        "weights_sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    if extra:
+        meta["extra"] = extra
+    write_durable(folder / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
+    fsync_dir(folder)
+    return folder
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -60,26 +120,11 @@ def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | 
     Returns:
         The checkpoint folder.
     """
-    from safetensors.torch import save_file
-
-    import tokkit
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     try:
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        meta = {
-            "format": FORMAT,
-            "tokkit_version": tokkit.__version__,
-            "tokenizer": model.config.to_dict(),
-            "weights_sha256": sha256_file(tmp / WEIGHTS),
-        }
-        if extra:
-            meta["extra"] = extra
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        write_checkpoint_dir(tmp, model.state_dict(), model.config, extra)
         atomic_replace_dir(tmp, path)
     finally:
         if tmp.exists():
@@ -175,4 +220,15 @@ def load_with_meta(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return model.to(resolve_device(device)).eval(), meta
 
 
-__all__ = ["load", "load_with_meta", "read_checkpoint_meta", "resolve_checkpoint_dir", "save_checkpoint", "sha256_file"]
+__all__ = [
+    "atomic_replace_dir",
+    "fsync_dir",
+    "load",
+    "load_with_meta",
+    "read_checkpoint_meta",
+    "resolve_checkpoint_dir",
+    "save_checkpoint",
+    "sha256_file",
+    "write_checkpoint_dir",
+    "write_durable",
+]

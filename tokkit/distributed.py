@@ -1,16 +1,24 @@
 """torch.distributed helpers: init from torchrun's environment, rank queries, and the ``--nproc-per-node`` relaunch.
 
 Without torchrun's variables everything runs single-process (rank 0 of 1) and every helper is a no-op.
+
+The relaunch is a chain ``tokkit`` (the launcher) -> torchrun -> ranks, and the chain dies as one: torchrun gets
+SIGKILL when the launcher dies (Linux ``PR_SET_PDEATHSIG``), and each rank watches its parent and kills itself when
+torchrun is gone (``watch_launcher``), so that ``kill -9`` of the launcher leaves no rank running.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import functools
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -60,6 +68,8 @@ def init_distributed(device: str | torch.device | None = "auto", timeout_s: int 
         This process's ``DistInfo``. Calling it again when already initialized returns the same info.
     """
     dev = resolve_device(device)
+    if launched_by_torchrun():
+        watch_launcher()
     if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -155,22 +165,160 @@ def torchrun_command(nproc_per_node: int, module_args: Sequence[str], port: int 
     ]  # fmt: skip
 
 
-def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str]) -> int:
+_LAUNCHER_ENV = "TOKKIT_LAUNCHER_PID"
+_PR_SET_PDEATHSIG = 1
+_watching: list[int] = []
+
+
+def _die_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux only; else None)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)  # this process died before prctl took effect
+
+    return preexec
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def watch_launcher(interval_s: float = 0.5) -> None:
+    """In a rank started by torchrun: kill this process (SIGKILL) as soon as torchrun or the tokkit launcher is gone.
+
+    Without it, ``kill -9`` of the launcher (or of torchrun) leaves the ranks running, each holding its memory and GPU.
+    The run state is saved as one commit, so dying at any moment loses nothing that ``--resume`` cannot redo.
+    Idempotent; a no-op outside torchrun.
+    """
+    if not launched_by_torchrun() or _watching:
+        return
+    parent = os.getppid()
+    launcher = int(os.environ.get(_LAUNCHER_ENV, "0") or 0)
+    _watching.append(parent)
+
+    def gone() -> bool:
+        return os.getppid() != parent or (launcher > 0 and not _alive(launcher))
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if gone():
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="tokkit-launcher-watch", daemon=True).start()
+
+
+def check_gpus_for(nproc_per_node: int, device: str | torch.device | None = "auto") -> None:
+    """Refuse, in one line, ``nproc_per_node`` CUDA processes on a node with fewer visible GPUs (before launching)."""
+    text = str(device or "auto")
+    if text == "cpu" or text.startswith("cpu:") or nproc_per_node <= 1:
+        return
+    if text == "auto" and not torch.cuda.is_available():
+        return  # auto on a machine without CUDA: every rank runs on the CPU
+    if not text.startswith(("cuda", "auto")):
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < nproc_per_node:
+        raise ConfigError(
+            f"--nproc-per-node {nproc_per_node} needs {nproc_per_node} GPUs, but {n} visible: "
+            f"lower --nproc-per-node to {max(n, 1)}, or pass --device cpu"
+        )
+
+
+def _option(args: Sequence[str], flag: str) -> str | None:
+    args = list(args)
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _torchrun_quietly(argv: Sequence[str]) -> int:
+    """torchrun (``torch.distributed.run``) without its report of failed ranks; returns the exit code.
+
+    Each rank prints its own error (one line for a ``TokkitError``, a traceback for a bug), so torchrun's screens of
+    ``ChildFailedError`` traceback and logs after it only bury that line. A rank killed by a signal printed nothing:
+    that gets one line here.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(list(argv)))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        sig = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "a signal"
+        print(f"error: rank {rank} was killed by {sig} (out of memory?); run the same command with --resume to "
+              "continue from the last save", file=sys.stderr)
+        return 1
+    except SignalException as e:  # Ctrl-C or kill: torchrun has stopped the ranks
+        return 128 + int(e.sigval)
+    return 0
+
+
+def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], device: str | None = None) -> int:
     """Run ``tokkit <module_args>`` as ``nproc_per_node`` processes under torchrun on this node; returns the exit code.
 
-    The caller must strip ``--nproc-per-node`` from ``module_args`` (or the children would relaunch again).
+    The caller must strip ``--nproc-per-node`` from ``module_args`` (or the children would relaunch again). The GPU
+    count is checked first (``device``, default: the ``--device`` in ``module_args``), torchrun and its ranks die
+    with this process (see ``watch_launcher``), and a failed rank's own error is all that is printed.
     """
     if launched_by_torchrun():
         raise ConfigError("already running under torchrun: drop --nproc-per-node (torchrun sets the process count)")
+    check_gpus_for(nproc_per_node, device or _option(module_args, "--device") or "auto")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc_per_node))))
-    return subprocess.call(torchrun_command(nproc_per_node, module_args), env=env)
+    env[_LAUNCHER_ENV] = str(os.getpid())
+    torchrun = torchrun_command(nproc_per_node, module_args)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"]
+    quiet = "import sys; from tokkit.distributed import _torchrun_quietly as t; sys.exit(t(sys.argv[1:]))"
+    with subprocess.Popen([sys.executable, "-c", quiet, *torchrun[3:]], env=env,
+                          preexec_fn=_die_with_this_process()) as proc:  # fmt: skip
+        try:
+            return proc.wait()
+        except BaseException:  # Ctrl-C reached torchrun too (same process group): give it time to stop its ranks
+            try:
+                proc.wait(timeout=30)
+            except BaseException:
+                proc.kill()
+            raise
 
 
 __all__ = [
     "DistInfo",
     "barrier",
     "broadcast_object",
+    "check_gpus_for",
     "cleanup",
     "free_port",
     "get_rank",
@@ -180,4 +328,5 @@ __all__ = [
     "launched_by_torchrun",
     "relaunch_under_torchrun",
     "torchrun_command",
+    "watch_launcher",
 ]

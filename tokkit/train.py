@@ -2,16 +2,18 @@
 
 A run folder (``out_dir``) holds::
 
-    run.json            the configs, the data spec and the world size of the run
+    run.json            the configs, the data (path + fingerprint, and a history of switches) and the world size
     checkpoint/         model.safetensors + config.json: the EMA weights, loadable with ``tokkit.load``
-    train_state/        raw + EMA + discriminator weights (safetensors) and state.pt (optimizers, schedulers, step,
-                        data position, RNG of every rank; read with ``weights_only=True``): what ``resume`` needs
+    train_state/        raw + EMA + discriminator weights (safetensors), state.pt (optimizers, schedulers, step,
+                        data position, RNG of every rank; read with ``weights_only=True``) and manifest.json (the
+                        sha256 of each, checked on resume): what ``resume`` needs
     metrics.jsonl       one JSON object per logged step (training losses) or evaluation (PSNR, SSIM, usage ...)
     grids/step-N.png    held-out originals over their reconstructions
     tensorboard/        the same values as TensorBoard events, when tensorboard is installed
 
-Both folders are written atomically (tmp folder + rename), train_state first, so a run killed at any moment
-resumes from its last train_state with the same weights an uninterrupted run would have had.
+The two folders are saved as one commit (``tokkit.runstate``): both reflect the same step, a resume first finishes
+a save that a kill interrupted (or discards one that was not committed), so a run killed at any moment resumes from
+its last save with the same weights an uninterrupted run would have had.
 
 Axis legend: B batch, H/W image size, K codebook size.
 """
@@ -19,12 +21,13 @@ Axis legend: B batch, H/W image size, K codebook size.
 from __future__ import annotations
 
 import copy
+import errno
+import inspect
 import json
 import math
+import os
 import random
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,16 +37,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from tokkit.checkpoint import atomic_replace_dir, save_checkpoint
 from tokkit.config import TokenizerConfig, TrainConfig
 from tokkit.data import ImageDataset, ImageSource, collate_skip_bad, open_source, to_float
-from tokkit.distributed import DistInfo, barrier, cleanup, init_distributed
-from tokkit.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from tokkit.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from tokkit.errors import CheckpointError, ConfigError, DataError, TokkitError, TrainingDiverged
 from tokkit.losses import LeCam, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from tokkit.models.discriminator import PatchDiscriminator
 from tokkit.models.tokenizer import Tokenizer
 from tokkit.progress import Reporter, resolve
 from tokkit.quantizers.base import all_reduce_sum_, entropy_bits
+from tokkit.runstate import checkpoint_matches, has_run_state, load_run_state, recover, save_run_state
 
 USAGE_LIMIT = 2**22  # codebooks up to this size get exact usage counts during training
 
@@ -64,6 +67,7 @@ class TrainResult:
         bad_images: unreadable training images skipped.
         perceptual: whether the LPIPS loss was used.
         resumed_from: the step this call started from (0 for a fresh run).
+        data: the training data, as recorded in run.json.
     """
 
     out_dir: Path
@@ -77,6 +81,7 @@ class TrainResult:
     bad_images: int = 0
     perceptual: bool = False
     resumed_from: int = 0
+    data: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,20 +213,14 @@ def _gather(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def _save_weights(module: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
-
-
-def _load_weights(module: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
+def _load_weights(module: nn.Module, weights: dict[str, Tensor] | None, where: Path) -> None:
     try:
-        module.load_state_dict(load_file(str(path)), strict=True)
+        if weights is None:
+            raise KeyError("weights missing")
+        module.load_state_dict(weights, strict=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot resume from {path}: {first}; start a new run without --resume") from None
+        raise CheckpointError(f"cannot resume from {where}: {first}; start a new run without --resume") from None
 
 
 def save_grid(originals: Tensor, reconstructions: Tensor, path: Path, columns: int = 8, min_side: int = 64) -> Path:
@@ -243,16 +242,91 @@ def save_grid(originals: Tensor, reconstructions: Tensor, path: Path, columns: i
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written PNG behind
+        raise
     return path
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None  # a line cut short by a kill or a full disk
+    return rec.get("step", 0) if isinstance(rec, dict) else None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (those the saved state has seen), atomically; drop any line cut short."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [ln for ln in path.read_text(errors="replace").splitlines() if (s := _step_of(ln)) is not None and s <= step]
+    _write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _data_spec(data: str | Path) -> str:
+    """``data`` as recorded in run.json: ``sample``, or an absolute path (``FILE.npz:KEY`` keeps its key)."""
+    text = str(data)
+    if text == "sample":
+        return text
+    if ".npz:" in text and not Path(text).exists():
+        path, key = text.rsplit(":", 1)
+        return f"{Path(path).expanduser().resolve()}:{key}"
+    return str(Path(text).expanduser().resolve())
+
+
+def _check_data(
+    kind: str, given: str | Path | None, recorded: str | None, fingerprint: str | None, new_data: bool
+) -> tuple[str | None, ImageSource | None]:
+    """The data a resumed run continues on, and its source: the recorded one unless another is given (and allowed)."""
+    flag = "--data" if kind == "data" else "--eval-data"
+    recorded = None if recorded is None else _data_spec(recorded)  # records before absolute paths: from this folder
+    if given is None:
+        if recorded is None:
+            return None, None
+        try:
+            source = open_source(recorded)
+        except DataError as e:
+            raise DataError(f"{e}; this run's {kind} is gone: pass {flag} with where it is now") from None
+        if fingerprint and source.fingerprint() != fingerprint and not new_data:
+            raise ConfigError(f"this run's {kind} {recorded} changed since it was recorded (other files): "
+                              "pass --new-data to continue on it as it is now")
+        return recorded, source
+    spec, source = _data_spec(given), open_source(given)
+    same = spec == recorded or (fingerprint is not None and source.fingerprint() == fingerprint)
+    if not same and not new_data:
+        was = recorded if recorded is not None else "images held out of --data"
+        raise ConfigError(f"this run was trained on {kind} {was}, not {spec}: leave out {flag} to continue on the "
+                          "same, or pass --new-data to switch")
+    return spec, source
+
+
+def _storage_error(e: OSError, out: Path, saved: int) -> TokkitError | None:
+    """A full disk, a read-only or unusable run folder, as one line that says what to do; None for other errors."""
+    where = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(f"no space left on the device writing {where}: free some space, then run the same "
+                               f"command with --resume (it continues from step {saved}, the last save)")
+    if e.filename is not None and not Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(out)):
+        return None  # not the run folder: not for this message
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ConfigError(f"cannot write to {where} ({e.strerror}): choose another --out, or make it writable")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return ConfigError(f"cannot use {out} as the run folder ({e.strerror}: {where}): choose another --out")
+    return None
 
 
 def _tensorboard(out: Path) -> Any:
@@ -283,34 +357,42 @@ def read_run_config(out_dir: str | Path) -> tuple[TokenizerConfig, TrainConfig, 
 def train(
     tokenizer_cfg: TokenizerConfig,
     train_cfg: TrainConfig,
-    data: str | Path = "sample",
+    data: str | Path | None = None,
     out_dir: str | Path = "runs/sample-fsq",
     resume: bool = False,
     device: str = "auto",
     reporter: Reporter | None = None,
     weights_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
+    new_data: bool = False,
 ) -> TrainResult:
     """Train a tokenizer and write its run folder (see the module docstring).
 
     Args:
         tokenizer_cfg: the model.
         train_cfg: the training knobs.
-        data: ``open_source`` spec: image folder, zip, .txt list, .npy/.npz, or ``sample``.
+        data: ``open_source`` spec: image folder, zip, .txt list, .npy/.npz, or ``sample``. None: ``sample`` for a new
+            run, the run's recorded data on ``resume``.
         out_dir: the run folder.
-        resume: continue the run in ``out_dir`` from its train_state (same world size); the tokenizer config must
-            match the recorded one; ``train_cfg.steps`` may be larger to extend the run.
+        resume: continue the run in ``out_dir`` from its last save (same world size); the tokenizer config must
+            match the recorded one; ``train_cfg.steps`` may be larger to extend the run. A save that a kill
+            interrupted is finished first; with no save yet, the run starts again from step 0.
         device: ``auto``, ``cpu``, ``cuda``; under torchrun each rank takes its local GPU.
         reporter: progress and one-line notices (silent by default).
         weights_dir: folder with the LPIPS weights (else ``$TOKKIT_WEIGHTS_DIR`` / caches / download).
-        eval_data: a separate source for the held-out batch (default: images held out of ``data``).
+        eval_data: a separate source for the held-out batch (default: images held out of ``data``; on ``resume``,
+            the recorded one).
+        new_data: on ``resume``, allow ``data`` / ``eval_data`` other than the recorded ones (or changed files); the
+            switch is recorded in run.json's ``data_history``.
 
     Returns:
         A ``TrainResult``.
 
     Raises:
-        DataError: missing or empty dataset. ConfigError: bad settings, an existing run without ``resume``.
-        CheckpointError: nothing (or something unreadable) to resume. TrainingDiverged: NaN/Inf loss.
+        DataError: missing or empty dataset. ConfigError: bad settings, an existing run without ``resume``, other data
+            on ``resume`` without ``new_data``, an unusable or read-only ``out_dir``.
+        CheckpointError: nothing (or something unreadable or corrupt) to resume; a full disk (the last save is kept).
+        TrainingDiverged: NaN/Inf loss.
         WeightsError: ``perceptual="lpips"`` without the weights.
     """
     rep = resolve(reporter)
@@ -322,26 +404,51 @@ def train(
     threads_before = torch.get_num_threads()
     if dev.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    state_dir, ckpt_dir, metrics_file = out / "train_state", out / "checkpoint", out / "metrics.jsonl"
+    ckpt_dir, metrics_file = out / "checkpoint", out / "metrics.jsonl"
+    saved = [0]  # the step of the last complete save, for the messages
     try:
-        # ---- the run folder ----------------------------------------------------------------------------------------
+        # ---- the run folder: finish (or discard) a save that a kill interrupted, then read the saved state ----------
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder: choose another --out")
+        notes = recover(out) if info.is_main else []
+        barrier()
+        for note in notes:
+            rep.message(f"{out}: {note}")
+        run_rec: dict[str, Any] = {}
+        state: dict[str, Any] | None = None
         if resume:
-            saved_tok, _, rec = read_run_config(out)
+            saved_tok, _, run_rec = read_run_config(out)
             if saved_tok != tokenizer_cfg:
                 diff = [k for k, v in tokenizer_cfg.to_dict().items() if saved_tok.to_dict().get(k) != v]
                 raise ConfigError(f"{out} was trained with another tokenizer config (differs in: {', '.join(diff)})")
-            if rec.get("world_size", 1) != info.world_size:
-                raise ConfigError(f"{out} ran on {rec.get('world_size')} processes; resume with the same number")
-            if not (state_dir / "state.pt").is_file():
-                raise CheckpointError(f"nothing to resume in {out}: no train_state/ yet (start without --resume)")
-        elif (state_dir / "state.pt").exists() or (ckpt_dir / "config.json").exists():
+            if run_rec.get("world_size", 1) != info.world_size:
+                raise ConfigError(f"{out} ran on {run_rec.get('world_size')} processes; resume with the same number")
+            if has_run_state(out):
+                state = load_run_state(out)
+                saved[0] = int(state["step"])
+            elif (ckpt_dir / "config.json").exists():
+                raise CheckpointError(f"{out} has a checkpoint/ but no train_state/ to resume from: choose another "
+                                      "--out (or move checkpoint/ away to train this run again from step 0)")
+            elif info.is_main:
+                rep.message(f"{out} has no save yet: training it again from step 0")
+        elif has_run_state(out) or (ckpt_dir / "config.json").exists():
             raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
-        # ---- data ----------------------------------------------------------------------------------------------------
-        source = open_source(data)
+        # ---- data: a resumed run continues on its recorded data unless told otherwise --------------------------------
+        if resume:
+            data_spec, source = _check_data("data", data, run_rec.get("data"), run_rec.get("data_fingerprint"),
+                                            new_data)
+            eval_spec, eval_source = _check_data("eval data", eval_data, run_rec.get("eval_data"),
+                                                 run_rec.get("eval_fingerprint"), new_data)
+            if source is None:  # a record without data (not written by tokkit): nothing to continue on
+                raise CheckpointError(f"{out}/run.json records no data: pass --data")
+        else:
+            data_spec = _data_spec("sample" if data is None else data)
+            source = open_source(data_spec)
+            eval_spec = None if eval_data is None else _data_spec(eval_data)
+            eval_source = None if eval_spec is None else open_source(eval_spec)
         res = tokenizer_cfg.resolution
-        if eval_data is not None:
-            eval_source = open_source(eval_data)
+        if eval_source is not None:
             train_idx, held = list(range(len(source))), _split(eval_source, cfg.eval_images, cfg.seed)[1]
         else:
             eval_source = source
@@ -369,42 +476,50 @@ def train(
         step, consumed, bad = 0, 0, set()
         K = model.codebook_size
         usage_counts = torch.zeros(K if K <= USAGE_LIMIT else 1, dtype=torch.int64, device=dev)
-        if resume:
-            _load_weights(model, state_dir / "model.safetensors")
-            if ema is not None:
-                _load_weights(ema, state_dir / "ema.safetensors")
-            if disc is not None:
-                _load_weights(disc, state_dir / "disc.safetensors")
+        stale_checkpoint = False
+        if state is not None:
+            where = out / "train_state"
+            _load_weights(model, state["model"], where)
+            for module, key in ((ema, "ema"), (disc, "disc")):
+                if module is not None:
+                    _load_weights(module, state.get(key), where)
             try:
-                st = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
-                opt.load_state_dict(st["opt"])
-                sched.load_state_dict(st["sched"])
+                opt.load_state_dict(state["opt"])
+                sched.load_state_dict(state["sched"])
                 if d_opt is not None and d_sched is not None:
-                    d_opt.load_state_dict(st["d_opt"])
-                    d_sched.load_state_dict(st["d_sched"])
+                    d_opt.load_state_dict(state["d_opt"])
+                    d_sched.load_state_dict(state["d_sched"])
                 if lecam is not None:
-                    lecam.load_state_dict(st["lecam"])
-                step, consumed, bad = int(st["step"]), int(st["consumed"][info.rank]), set(st["bad"])
-                usage_counts = st["usage_counts"].to(dev)
-                _set_rng_state(st["rng"][info.rank])
-            except CheckpointError:
-                raise
+                    lecam.load_state_dict(state["lecam"])
+                step, consumed, bad = int(state["step"]), int(state["consumed"][info.rank]), set(state["bad"])
+                usage_counts = state["usage_counts"].to(dev)
+                _set_rng_state(state["rng"][info.rank])
             except Exception as e:
                 raise CheckpointError(
-                    f"cannot resume from {state_dir / 'state.pt'} ({type(e).__name__}): start a new run"
+                    f"cannot resume from {where} ({type(e).__name__}: a state this run cannot use): start a new run"
                 ) from None
-            if info.is_main:
-                _truncate_metrics(metrics_file, step)
-        elif info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            metrics_file.write_text("")
+            del state
+            # checkpoint/ must hold this step's EMA weights; if not (hand-edited, or an older tokkit), rewrite it
+            stale_checkpoint = bool(broadcast_object(info.is_main and not checkpoint_matches(out, step)))
         if info.is_main:
-            for leftover in out.glob(".*.tmp-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            record = {"tokenizer": tokenizer_cfg.to_dict(), "train": cfg.to_dict(), "data": str(data),
-                      "eval_data": None if eval_data is None else str(eval_data), "world_size": info.world_size,
-                      "perceptual": perceptual is not None}
-            (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            out.mkdir(parents=True, exist_ok=True)
+            if step:
+                _truncate_metrics(metrics_file, step)
+            else:
+                metrics_file.write_text("")
+            entry = {"step": step, "data": data_spec, "data_fingerprint": source.fingerprint(), "images": len(source),
+                     "eval_data": eval_spec,
+                     "eval_fingerprint": None if eval_spec is None else eval_source.fingerprint()}
+            history = list(run_rec.get("data_history") or []) if step else []
+            if step and not history and run_rec.get("data"):  # a record from before data_history
+                history = [{"step": 0, "data": run_rec["data"], "eval_data": run_rec.get("eval_data")}]
+            if not history or any(history[-1].get(k) != v for k, v in entry.items() if k not in ("step", "images")):
+                history.append(entry)
+            record = {"tokenizer": tokenizer_cfg.to_dict(), "train": cfg.to_dict(), "data": data_spec,
+                      "data_fingerprint": entry["data_fingerprint"], "eval_data": eval_spec,
+                      "eval_fingerprint": entry["eval_fingerprint"], "world_size": info.world_size,
+                      "perceptual": perceptual is not None, "data_history": history}
+            _write_atomic(out / "run.json", json.dumps(record, indent=2) + "\n")
         resumed_from = step
 
         ddp_model: nn.Module = model
@@ -413,8 +528,12 @@ def train(
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [dev.index] if dev.type == "cuda" else None
-            ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
-            ddp_disc = DDP(disc, device_ids=ids, broadcast_buffers=False) if disc is not None else None
+            # buffers are not synced in forward (the quantizers all-reduce what must agree); torch >= 2.14 renamed the
+            # flag and warns on the old one (its init sync is harmless here: every rank starts from the same weights)
+            kw = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
+            ddp_model = DDP(model, device_ids=ids, **kw)
+            ddp_disc = DDP(disc, device_ids=ids, **kw) if disc is not None else None
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
         loader = DataLoader(items, batch_sampler=plan.from_position(consumed), collate_fn=collate_skip_bad,
                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
@@ -440,24 +559,18 @@ def train(
         def save_state() -> None:
             rng_all = _gather(_rng_state(), info)
             consumed_all = _gather(consumed, info)
-            if info.is_main:
-                tmp = out / f".train_state.tmp-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir()
-                _save_weights(model, tmp / "model.safetensors")
-                if ema is not None:
-                    _save_weights(ema, tmp / "ema.safetensors")
-                if disc is not None:
-                    _save_weights(disc, tmp / "disc.safetensors")
+            if info.is_main:  # the run state: one dict, written by save_run_state and read by load_run_state
                 st = {"step": step, "consumed": consumed_all, "bad": sorted(bad), "rng": rng_all,
                       "opt": opt.state_dict(), "sched": sched.state_dict(), "usage_counts": usage_counts.cpu(),
-                      "world_size": info.world_size}
+                      "world_size": info.world_size, "model": model.state_dict(),
+                      "ema": None if ema is None else ema.state_dict(),
+                      "disc": None if disc is None else disc.state_dict()}
                 if d_opt is not None and d_sched is not None:
                     st["d_opt"], st["d_sched"] = d_opt.state_dict(), d_sched.state_dict()
                 if lecam is not None:
                     st["lecam"] = lecam.state_dict()
-                torch.save(st, tmp / "state.pt")
-                atomic_replace_dir(tmp, state_dir)
-                save_checkpoint(ema if ema is not None else model, ckpt_dir, extra={"step": step})
+                save_run_state(out, st, tokenizer_cfg)
+            saved[0] = step
             last_good[0] = ckpt_dir
             barrier()
 
@@ -599,14 +712,21 @@ def train(
             tb.close()
         if step == resumed_from and not last_eval:  # resumed a finished run: nothing to train, report its state
             last_eval = evaluate()
+        if step == resumed_from and stale_checkpoint:
+            save_state()
         if bad and info.is_main:
             rep.message(f"skipped {len(bad)} unreadable training image(s)")
         seconds = time.perf_counter() - t_start
         return TrainResult(
             out_dir=out, checkpoint=ckpt_dir, step=step, metrics=last_eval, metrics_file=metrics_file, grids=grids,
             seconds=seconds, images_per_second=img_total / max(time.perf_counter() - t_loop, 1e-9),
-            bad_images=len(bad), perceptual=perceptual is not None, resumed_from=resumed_from,
+            bad_images=len(bad), perceptual=perceptual is not None, resumed_from=resumed_from, data=data_spec,
         )
+    except OSError as e:
+        err = _storage_error(e, out, saved[0])
+        if err is None:
+            raise
+        raise err from None
     finally:
         rep.stop()
         torch.set_num_threads(threads_before)

@@ -18,8 +18,13 @@ def train(
         str | None, typer.Option("--preset", "-p", help="Named preset (see `tokkit presets`); default sample-fsq.")
     ] = None,
     data: Annotated[
-        str, typer.Option("--data", "-d", help="Image folder, .zip, .txt list, .npy/.npz uint8 array, or 'sample'.")
-    ] = "sample",
+        str | None,
+        typer.Option(
+            "--data", "-d",
+            help="Image folder, .zip, .txt list, .npy/.npz uint8 array, or 'sample' (the default; with --resume: the "
+            "run's own data).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default runs/<preset>.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (overrides the preset).")] = None,
     batch_size: Annotated[
@@ -28,7 +33,12 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
     device: DeviceOpt = "auto",
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out exactly where its last checkpoint left it.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out exactly where its last save left it, on its own data (a save that a kill "
+            "interrupted is finished first).",
+        ),
     ] = False,
     overrides: Annotated[
         list[str] | None,
@@ -42,6 +52,9 @@ def train(
     eval_data: Annotated[
         str | None, typer.Option("--eval-data", help="Separate images for the held-out batch (default: from --data).")
     ] = None,
+    new_data: Annotated[
+        bool, typer.Option("--new-data", help="With --resume: switch to other --data / --eval-data (kept in run.json).")
+    ] = False,
     nproc_per_node: NprocOpt = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -55,14 +68,15 @@ def train(
     name = preset or DEFAULT_PRESET
     out = out or Path("runs") / name
     if nproc_per_node > 1:
-        args = ["train", "--preset", name, "--data", data, "--out", str(out), "--device", device]
-        for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
+        args = ["train", "--preset", name, "--out", str(out), "--device", device]
+        for flag, value in (("--data", data), ("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
                             ("--perceptual", perceptual), ("--weights-dir", weights_dir), ("--eval-data", eval_data)):
             if value is not None:
                 args += [flag, str(value)]
         for item in overrides or []:
             args += ["--set", item]
-        args += [*(["--resume"] if resume else []), *(["--quiet"] if quiet else [])]
+        for flag, on in (("--resume", resume), ("--new-data", new_data), ("--quiet", quiet)):
+            args += [flag] if on else []
         raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
 
     if resume:  # the run's own configs; explicit flags below may still change training knobs (e.g. more --steps)
@@ -82,12 +96,14 @@ def train(
     result = run_training(
         cfgs["tokenizer"], cfgs["train"], data=data, out_dir=out, resume=resume, device=device,
         reporter=RichReporter(enabled=main and not quiet), weights_dir=weights_dir, eval_data=eval_data,
+        new_data=new_data,
     )  # fmt: skip
     if not main:
         return
     m = result.metrics
     table = Table(title=f"tokkit train -> {result.out_dir}", show_header=False)
     table.add_row("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))")
+    table.add_row("data", result.data)
     table.add_row("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
     if m:
         table.add_row("held-out PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.3f}")
