@@ -320,21 +320,57 @@ def test_vq_kmeans_init_finds_clusters():
     assert dist.min(1).values.max() < 0.2  # every center has a code next to it
 
 
+def _rows_matched(codes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(K, d), (N, d) -> (K,) index of the row of ``z`` that code k equals bit for bit, or -1 (exact, no distances)."""
+    same = (codes[:, None, :] == z[None, :, :]).all(-1)  # (K, N)
+    return torch.where(same.any(1), same.int().argmax(1), -1)
+
+
 def test_vq_dead_code_restart_from_current_outputs():
     torch.manual_seed(0)
-    q = VQ(dim=3, codebook_size=64, dead_code_threshold=1.0)
-    x = torch.randn(1, 3, 8)
+    q = VQ(dim=3, codebook_size=16, decay=0.1, dead_code_threshold=0.5)  # one unused step makes a code dead
+    x = torch.randn(1, 3, 32)
     out = q(x)
     z = x[0].t()  # (N, 3)
-    dead = out.stats["dead_codes"]
-    assert dead == 0  # restarted this step
-    used = torch.zeros(64, dtype=torch.bool)
+    used = torch.zeros(16, dtype=torch.bool)
     used[out.indices.unique()] = True
-    fresh = q.codebook[~used]
-    # every restarted code is one of the current encoder outputs; its EMA usage was reset to the threshold
-    assert torch.cdist(fresh, z).min(1).values.max() < 1e-6
-    assert torch.all(q.cluster_size[~used] == 1.0)
-    torch.testing.assert_close(q.embed_avg[~used], fresh)
+    assert 0 < int((~used).sum()) <= z.shape[0]  # fewer dead codes than rows: every one is restarted this step
+    assert out.stats["dead_codes"] == 0
+    rows = _rows_matched(q.codebook, z)
+    # the restarted codes are exactly the unused ones, each a copy of a current encoder output
+    assert torch.equal(rows >= 0, ~used)
+    assert rows[~used].unique().numel() == int((~used).sum())  # distinct rows
+    assert torch.all(q.cluster_size[~used] == 0.5) and torch.all(q.cluster_size[used] >= 0.9)
+    assert torch.equal(q.embed_avg[~used], q.codebook[~used] * 0.5)
+
+
+def test_vq_dead_code_restart_draws_distinct_rows():
+    """Without replacement: duplicate codes would tie exactly and leave the winner to the hardware's rounding."""
+    torch.manual_seed(0)
+    q = VQ(dim=3, codebook_size=64, decay=0.1, dead_code_threshold=0.5)
+    gen = torch.Generator().manual_seed(1)
+    ever_restarted = torch.zeros(64, dtype=torch.bool)
+    ever_used = torch.zeros(64, dtype=torch.bool)
+    dead_at_start = None
+    for step in range(10):
+        x = torch.randn(1, 3, 8, generator=gen)  # 8 rows, many more dead codes
+        out = q(x)
+        rows = _rows_matched(q.codebook, x[0].t())
+        restarted = rows >= 0
+        # one code per row, each row used once: 8 distinct codes from 8 distinct rows
+        assert int(restarted.sum()) == 8, step
+        assert sorted(rows[restarted].tolist()) == list(range(8)), step
+        assert torch.all(q.cluster_size[restarted] == 0.5)
+        if dead_at_start is None:
+            dead_at_start = ~restarted & (q.cluster_size < 0.5)
+            assert out.stats["dead_codes"] == int(dead_at_start.sum()) > 8
+        else:
+            ever_used[out.indices.unique()] = True
+        ever_restarted |= restarted
+    # the least used dead codes go first, so every code dead after the first step was restarted (or came back to use)
+    assert torch.all((ever_restarted | ever_used)[dead_at_start])
+    assert int(ever_restarted[dead_at_start].sum()) > 16
+    assert len({tuple(r) for r in q.codebook.tolist()}) == 64  # no duplicate codes
 
 
 def test_vq_loss_learned_codebook_gets_gradient():

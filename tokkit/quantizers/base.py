@@ -101,6 +101,10 @@ class Quantizer(nn.Module):
     axis; 1 means no extra axis), and implement ``quantize`` and ``indices_to_codes``. ``forward`` enforces the
     contract: input rank and width checks, float32 math even under autocast, output codes cast back to the input
     dtype, int64 indices.
+
+    Non-finite input (a diverging run) must not raise, in training or eval mode: every index stays in
+    [0, codebook_size), the codes and loss of those tokens may be non-finite (so the training loop sees the
+    divergence and stops with its one-line message), and training-time statistics skip the non-finite rows.
     """
 
     registry_name: str = ""

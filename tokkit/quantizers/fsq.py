@@ -162,7 +162,9 @@ class FSQ(Quantizer):
         rounded = bounded.detach().round()
         # straight-through with an exact forward value: (b - b.detach()) is exactly 0
         codes = (rounded + (bounded - bounded.detach())) / self._per_channel(self._half_width, nd)  # in [-1, 1]
-        digits = rounded.long() + self._per_channel(self._digit_offset, nd)  # (B, d, *S) in [0, L), exact
+        # a NaN latent (a diverging run) takes the middle digit so that its index stays valid; its code stays NaN
+        safe = rounded.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        digits = safe.long() + self._per_channel(self._digit_offset, nd)  # (B, d, *S) in [0, L), exact
         indices = (digits * self._per_channel(self._basis, nd)).sum(1)  # mixed radix: (B, d, *S) -> (B, *S)
         stats = batch_usage_stats(indices, self.codebook_size)
         return QuantizerOutput(codes=self._project_out(codes), indices=indices, loss=x.new_zeros(()), stats=stats)

@@ -8,7 +8,8 @@ sharing one codebook). The nearest-code search runs in chunks of at most ``searc
 bounded whatever K and the batch size.
 
 Under torch.distributed the k-means statistics, the EMA statistics and the dead-code replacements are all-reduced or
-broadcast, so every rank holds the same codebook.
+broadcast, so every rank holds the same codebook. Non-finite rows (a diverging run) still get valid indices but are
+masked out of all three, so one bad batch does not poison the codebook.
 """
 
 from __future__ import annotations
@@ -210,21 +211,34 @@ class VQ(Quantizer):
     # -- training-time codebook updates --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _counts_and_sums(self, z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, d), (N,) -> per-code counts (K,) and sums (K, d), summed over ranks."""
-        counts = torch.bincount(idx, minlength=self.codebook_size).to(z.dtype)
-        sums = z.new_zeros(self.codebook_size, z.shape[1]).index_add_(0, idx, z)
+    def _counts_and_sums(self, z: Tensor, idx: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, d), (N,), (N,) bool -> per-code counts (K,) and sums (K, d) of the ``ok`` rows, summed over ranks.
+
+        Rows that are not ``ok`` (non-finite: a diverging run) are left out by masking, without a host sync.
+        """
+        k = self.codebook_size
+        counts = torch.bincount(torch.where(ok, idx, k), minlength=k + 1)[:k].to(z.dtype)  # bin K: left-out rows
+        sums = z.new_zeros(k, z.shape[1]).index_add_(0, idx, torch.where(ok.unsqueeze(1), z, 0.0))
         return all_reduce_sum_(counts), all_reduce_sum_(sums)
 
     @torch.no_grad()
-    def _kmeans(self, z: Tensor) -> None:
-        """Initialise the codebook by k-means on ``z`` (N, d) (every rank's rows); seeds are rank 0's rows."""
+    def _kmeans(self, z: Tensor, ok: Tensor) -> None:
+        """Initialise the codebook by k-means on the finite rows of ``z`` (N, d) (every rank's rows).
+
+        Seeds are distinct rows of rank 0 (broadcast); with fewer rows than codes, and for a non-finite seed row, a
+        code keeps its initial value, so no two seeds tie. When no rank has a finite row, the codebook is left as it
+        was and the next training batch initialises it.
+        """
         n, k = z.shape[0], self.codebook_size
-        pick = torch.randint(n, (k,), device=z.device) if n < k else torch.randperm(n, device=z.device)[:k]
-        centroids = broadcast_(z[pick].clone())  # (K, d)
+        m = min(n, k)
+        pick = torch.randperm(n, device=z.device)[:m]  # without replacement
+        centroids = self.table().detach().clone()  # (K, d)
+        centroids[:m] = torch.where(ok[pick].unsqueeze(1), z[pick], centroids[:m])
+        broadcast_(centroids)
+        counts = centroids.new_zeros(k)
         for _ in range(self.kmeans_iters):
             idx = nearest_code(z, centroids, self.cosine, self.search_chunk)
-            counts, sums = self._counts_and_sums(z, idx)
+            counts, sums = self._counts_and_sums(z, idx, ok)
             means = sums / counts.clamp_min(1).unsqueeze(1)
             if self.cosine:
                 means = F.normalize(means, dim=-1)
@@ -233,12 +247,12 @@ class VQ(Quantizer):
         if self.ema:
             self.embed_avg.copy_(centroids)
         self.cluster_size.fill_(1.0)
-        self.initialized.fill_(True)
+        self.initialized.copy_(counts.sum() > 0)  # summed over ranks, so every rank agrees
 
     @torch.no_grad()
-    def _ema_update(self, z: Tensor, idx: Tensor) -> None:
-        """Update usage (and, with ``ema``, the codebook) from this batch's assignments."""
-        counts, sums = self._counts_and_sums(z, idx)
+    def _ema_update(self, z: Tensor, idx: Tensor, ok: Tensor) -> None:
+        """Update usage (and, with ``ema``, the codebook) from this batch's assignments of its finite rows."""
+        counts, sums = self._counts_and_sums(z, idx, ok)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         if not self.ema:
             return
@@ -249,17 +263,30 @@ class VQ(Quantizer):
         self.codebook.copy_(F.normalize(table, dim=-1) if self.cosine else table)
 
     @torch.no_grad()
-    def _restart_dead(self, z: Tensor) -> None:
-        """Replace codes whose EMA usage is under the threshold by random rows of ``z`` (rank 0's, broadcast)."""
+    def _restart_dead(self, z: Tensor, ok: Tensor) -> None:
+        """Replace codes whose EMA usage is under the threshold by distinct finite rows of ``z`` (rank 0's, broadcast).
+
+        Rows are drawn without replacement (duplicate codes would tie exactly, leaving the winner to float rounding),
+        so at most one code per finite row is restarted per step, the least used dead codes first; the others stay
+        dead and are restarted by the next batches.
+        """
         dead = self.cluster_size < self.dead_code_threshold  # identical on every rank
-        n_dead = int(dead.sum())
+        n_dead, n_ok = torch.stack([dead.sum(), ok.sum()]).tolist()  # one host sync
         if n_dead == 0:
             return
-        fresh = broadcast_(z[torch.randint(z.shape[0], (n_dead,), device=z.device)].clone())  # (n_dead, d)
-        self.codebook.data[dead] = fresh
-        self.cluster_size[dead] = self.dead_code_threshold
+        take = min(n_dead, n_ok)
+        rows = ok.nonzero().squeeze(1)[torch.randperm(n_ok, device=z.device)[:take]]  # distinct finite rows
+        # (n_dead, d + 1): the drawn rows, then a 1 marking them; every rank broadcasts the same shape, whatever its N
+        packed = z.new_zeros(n_dead, z.shape[1] + 1)
+        packed[:take, :-1] = z[rows]
+        packed[:take, -1] = 1.0
+        broadcast_(packed)
+        fresh = packed[packed[:, -1] > 0, :-1]  # rank 0's rows: (take_0, d)
+        codes = self.cluster_size.argsort(stable=True)[: fresh.shape[0]]  # least used first; dead, same on every rank
+        self.codebook.data[codes] = fresh
+        self.cluster_size[codes] = self.dead_code_threshold
         if self.ema:
-            self.embed_avg[dead] = fresh * self.dead_code_threshold
+            self.embed_avg[codes] = fresh * self.dead_code_threshold
 
     # -- contract ------------------------------------------------------------------------------------------------------
 
@@ -271,8 +298,9 @@ class VQ(Quantizer):
         if self.cosine:
             z = F.normalize(z, dim=-1)
 
-        if self.training and not bool(self.initialized):
-            self._kmeans(z.detach())
+        ok = torch.isfinite(z.detach()).all(1) if self.training else None  # (N*G,) rows the statistics may use
+        if ok is not None and not bool(self.initialized):
+            self._kmeans(z.detach(), ok)
         table = self.table()
         idx = nearest_code(z.detach(), table.detach(), self.cosine, self.search_chunk)  # (N*G,)
         q = F.embedding(idx, table)  # (N*G, d); gradient reaches a loss-learned codebook
@@ -282,10 +310,10 @@ class VQ(Quantizer):
             loss = loss + self.codebook_weight * F.mse_loss(q, z.detach())
         st = rotation_trick(z, q) if self.rotation_trick else q.detach() + (z - z.detach())
 
-        if self.training:
-            self._ema_update(z.detach(), idx)
+        if ok is not None:
+            self._ema_update(z.detach(), idx, ok)
             if self.dead_code_threshold > 0:
-                self._restart_dead(z.detach())
+                self._restart_dead(z.detach(), ok)
 
         indices = idx.view(*lead, self.num_groups)  # (B, *S, G)
         codes = self._project_out(st.reshape(*lead, self.num_groups, self.codebook_dim))
