@@ -146,3 +146,21 @@ def test_help_lists_the_options() -> None:
     assert res.exit_code == 0
     for opt in ("--data", "--out", "--num-images", "--metrics", "--weights-dir", "--lpips-net", "--device"):
         assert opt in res.stdout
+
+
+def test_an_unsafe_torch_is_refused_before_any_command(setup, tmp_path, monkeypatch) -> None:
+    import torch
+
+    import tokkit.checkpoint
+
+    def no_read(*a, **k):
+        raise AssertionError("a checkpoint was read under a torch that is too old")
+
+    ckpt, data = setup
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    monkeypatch.setattr(tokkit.checkpoint, "read_checkpoint_meta", no_read)
+    res = runner.invoke(app, ["bench", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 2 and res.stderr.startswith("error: torch 2.5.1 is too old"), res.output
+    assert "pip install -U 'torch>=2.10'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert runner.invoke(app, ["--help"]).exit_code == 0  # help still shows

@@ -11,6 +11,7 @@ from typer.core import TyperGroup
 
 from tokkit.cli import bench, decode, encode, info, presets, train, verify
 from tokkit.cli.common import fail
+from tokkit.errors import TokkitError
 
 # typer >= 0.2x carries its own copy of click (typer.core._click); older ones use click itself
 _click: Any = getattr(typer.core, "_click", None)
@@ -39,9 +40,18 @@ class OneLineErrors(TyperGroup):
         except _click.exceptions.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
-        except _click.exceptions.Abort:
+        except typer.Abort:
             raise SystemExit(fail("aborted", 1).exit_code) from None
+        except TokkitError as e:  # raised before a command runs (see invoke)
+            raise SystemExit(fail(str(e)).exit_code) from None
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: Any) -> Any:
+        """Refuse an unsafe torch before any command reads a file (``tokkit.metrics.check_torch_version``)."""
+        from tokkit.metrics import check_torch_version
+
+        check_torch_version()
+        return super().invoke(ctx)
 
 
 app = typer.Typer(
