@@ -12,6 +12,7 @@ does not grow with the number of images; only 8 images, spread over the set, are
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.metadata
 import math
@@ -332,7 +333,8 @@ def prepare_out_dir(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except FileExistsError:  # a probe left by a killed run with the same pid: writable all the same
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink()
     except OSError as e:
         what = "is full" if e.errno == errno.ENOSPC else "is not writable"
         raise OutputError(f"the --out folder {out} {what} ({_reason(e)}): choose another --out") from None
@@ -520,4 +522,13 @@ def _mean_std(total: float, total_sq: float, n: int) -> tuple[float | None, floa
     return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
 
 
-__all__ = ["METRICS", "BenchResult", "CheckpointResult", "TokenUsage", "bench", "library_versions", "subset_indices"]
+__all__ = [
+    "METRICS",
+    "BenchResult",
+    "CheckpointResult",
+    "TokenUsage",
+    "bench",
+    "library_versions",
+    "prepare_out_dir",
+    "subset_indices",
+]
