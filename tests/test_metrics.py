@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from tokkit import metrics as M
-from tokkit.errors import ConfigError, WeightsError
+from tokkit.errors import ConfigError, TokkitError, WeightsError
 
 
 @pytest.fixture(autouse=True)
@@ -262,3 +263,30 @@ def test_ssim_psnr_input_checks() -> None:
         M.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="shape"):
         M.psnr(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+
+
+# ---- torch floor -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["2.4.0", "2.5.1", "2.9.1", "2.9.1+cu128", "1.13.1"])
+def test_torch_with_unsafe_weights_only_load_is_refused(version: str) -> None:
+    with pytest.raises(TokkitError, match=rf"torch {re.escape(version)} is too old.*CVE-2025-32434.*torch>=2\.10") as e:
+        M.check_torch_version(version)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.10.0a0+git1234", "2.14.1+cu130", "3.0.0", str(torch.__version__)])
+def test_safe_torch_versions_pass(version: str) -> None:
+    M.check_torch_version(version)
+
+
+def test_weights_are_not_unpickled_by_an_old_torch(wdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load ran under a torch that is too old")
+
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(TokkitError, match="too old"):
+        M.load_lpips("alex", wdir)
+    with pytest.raises(TokkitError, match="too old"):
+        M.load_fid(wdir)

@@ -12,8 +12,11 @@ does not grow with the number of images; only 8 images, spread over the set, are
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import math
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -27,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from tokkit import metrics as M
-from tokkit.errors import ConfigError, DataError, WeightsError
+from tokkit.errors import ConfigError, DataError, OutputError, WeightsError
 from tokkit.progress import Reporter, resolve
 from tokkit.quantizers.base import CodebookUsage, entropy_bits
 
@@ -213,7 +216,8 @@ def bench(
     Args:
         checkpoints: checkpoint folders (or run folders holding ``checkpoint/``).
         data: anything ``tokkit.data.open_source`` opens (folder, .zip, .txt list, .npy/.npz, "sample").
-        out: folder for results.json, report.md and the PNGs; nothing is written when None.
+        out: folder for results.json, report.md and the PNGs; nothing is written when None. results.json is written
+            last and atomically: a folder without it holds no complete result.
         num_images: use N images evenly spaced over the sorted source (``subset_indices``), so that a subset of a
             class-sorted folder or zip still covers every class; all when None.
         batch_size: images per batch.
@@ -230,24 +234,27 @@ def bench(
 
     Raises:
         ConfigError: unknown metric, empty checkpoint list, bad sizes. CheckpointError / DataError: unreadable inputs.
+        OutputError: ``out`` is a file, read-only or full (checked before any slow work, and when writing).
     """
     from tokkit.checkpoint import load, read_checkpoint_meta, resolve_checkpoint_dir
     from tokkit.data import open_source
     from tokkit.runtime import resolve_device
 
     rep = resolve(reporter)
+    if isinstance(metrics, str):
+        metrics = metrics.split(",")
     wanted = [m.strip().lower() for m in metrics if m.strip()]
     bad = sorted(set(wanted) - set(METRICS))
     if bad or not wanted:
         raise ConfigError(f"unknown metrics {', '.join(bad) or '(none)'}; choose from: {', '.join(METRICS)}")
     if not checkpoints:
         raise ConfigError("give at least one checkpoint folder")
-    if num_images is not None and num_images < 1:
-        raise ConfigError(f"num_images must be >= 1, got {num_images}")
+    if num_images is not None:
+        _check_count("num_images", "--num-images", num_images, 1)
+    _check_count("batch_size", "--batch-size", batch_size, 1)
+    _check_count("workers", "--workers", workers, 0)
     if lpips_net not in M.LPIPS_NETS:
         raise ConfigError(f"unknown LPIPS net {lpips_net!r}; choose one of: {', '.join(M.LPIPS_NETS)}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     ckpt_dirs = [resolve_checkpoint_dir(c) for c in checkpoints]
     metas = [read_checkpoint_meta(c) for c in ckpt_dirs]  # fail early, before any slow work
@@ -256,7 +263,7 @@ def bench(
     n_use = min(n_total, num_images) if num_images else n_total
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(out_dir)  # a file in the way or a read-only folder: now, not after the whole run
 
     # metric networks, loaded once and shared by every checkpoint
     unavailable: dict[str, str] = {}
@@ -305,6 +312,36 @@ def bench(
 
         write_outputs(result, out_dir)
     return result
+
+
+def _check_count(name: str, flag: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} ({flag}) must be an integer >= {minimum}, got {value!r}")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` and check that a file can be written in it; an ``OutputError`` in one line otherwise."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder: choose another --out (or remove the file)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the --out folder {out}: {_reason(e)}; choose another --out") from None
+    probe = out / f".tokkit-write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:  # a probe left by a killed run with the same pid: writable all the same
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    except OSError as e:
+        what = "is full" if e.errno == errno.ENOSPC else "is not writable"
+        raise OutputError(f"the --out folder {out} {what} ({_reason(e)}): choose another --out") from None
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
 
 
 def _bench_one(
@@ -485,4 +522,13 @@ def _mean_std(total: float, total_sq: float, n: int) -> tuple[float | None, floa
     return mean, math.sqrt(max(total_sq / n - mean * mean, 0.0))
 
 
-__all__ = ["METRICS", "BenchResult", "CheckpointResult", "TokenUsage", "bench", "library_versions", "subset_indices"]
+__all__ = [
+    "METRICS",
+    "BenchResult",
+    "CheckpointResult",
+    "TokenUsage",
+    "bench",
+    "library_versions",
+    "prepare_out_dir",
+    "subset_indices",
+]

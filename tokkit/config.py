@@ -8,11 +8,12 @@ config: ``tokkit.models.tokenizer`` turns a ``TokenizerConfig`` into explicit ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,18 +49,14 @@ class TokenizerConfig:
     quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        if not self.channel_mult:
-            raise ConfigError("tokenizer.channel_mult must have at least one level, e.g. [1, 2, 2]")
-        if any(m < 1 for m in self.channel_mult) or self.base_channels < 1 or self.z_channels < 1:
-            raise ConfigError("tokenizer.base_channels, z_channels and channel_mult entries must be positive")
-        if self.num_res_blocks < 0:
-            raise ConfigError("tokenizer.num_res_blocks must be >= 0")
+        _validate(self, "tokenizer", _TOKENIZER_RULES)
         if self.resolution % self.downsample_factor:
             raise ConfigError(
                 f"tokenizer.resolution {self.resolution} is not divisible by the downsampling factor "
-                f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))"
+                f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)): use a multiple of {self.downsample_factor} "
+                "or fewer channel_mult levels"
             )
+        _check_quantizer(self.quantizer, self.quantizer_kwargs, self.z_channels)
 
     @property
     def downsample_factor(self) -> int:
@@ -156,15 +153,12 @@ class TrainConfig:
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        choices = {"recon_loss": ("l1", "l2"), "perceptual": ("auto", "lpips", "none"), "amp": ("auto", "bf16", "none")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        _validate(self, "train", _TRAIN_RULES)
+        if self.recon_weight == 0 and (self.perceptual == "none" or self.perceptual_weight == 0):
+            raise ConfigError(
+                "train.recon_weight is 0 and the perceptual loss is off: nothing would teach the decoder to "
+                "reconstruct; set train.recon_weight > 0 (or a perceptual loss with train.perceptual_weight > 0)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -298,7 +292,10 @@ def apply_overrides(cfgs: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             target[sub[-1]] = value
         else:
             data[section][fname] = value
-    return {name: _from_dict(type(cfgs[name]), d, name) for name, d in data.items()}
+    out = {name: _from_dict(type(cfgs[name]), d, name) for name, d in data.items()}
+    if isinstance(out.get("tokenizer"), TokenizerConfig) and isinstance(out.get("train"), TrainConfig):
+        check_compatible(out["tokenizer"], out["train"])
+    return out
 
 
 def _parse_value(raw: str) -> Any:
@@ -365,9 +362,170 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
-def _check_types(cfg: Any) -> None:
+def _check_types(cfg: Any, section: str) -> None:
     """Re-run coercion on a directly constructed dataclass so that ``TrainConfig(lr="x")`` fails early."""
     hints = typing.get_type_hints(type(cfg))
-    section = "tokenizer" if isinstance(cfg, TokenizerConfig) else "train"
     for f in dataclasses.fields(cfg):
         object.__setattr__(cfg, f.name, _coerce(getattr(cfg, f.name), hints[f.name], f"{section}.{f.name}"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# range checks: one rule per field, run at construction (so also by from_dict and apply_overrides)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A value check and the words for what it allows (``>= 1``, ``in [0, 1)``, ``one of l1, l2``)."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _at_least(lo: float, note: str = "") -> _Rule:
+    return _Rule(lambda v: math.isfinite(v) and v >= lo, f">= {lo}" + (f" ({note})" if note else ""))
+
+
+def _above(lo: float, note: str = "") -> _Rule:
+    return _Rule(lambda v: math.isfinite(v) and v > lo, f"> {lo}" + (f" ({note})" if note else ""))
+
+
+def _unit(closed: bool = False, note: str = "") -> _Rule:
+    """[0, 1), or [0, 1] when ``closed``."""
+    if closed:
+        return _Rule(lambda v: 0 <= v <= 1, "in [0, 1]" + (f" ({note})" if note else ""))
+    return _Rule(lambda v: 0 <= v < 1, "in [0, 1)" + (f" ({note})" if note else ""))
+
+
+def _one_of(*allowed: str) -> _Rule:
+    return _Rule(lambda v: v in allowed, f"one of {', '.join(allowed)}")
+
+
+_ANY_BOOL = _Rule(lambda v: isinstance(v, bool), "true or false")
+_SEED_MAX = 2**32 - 1  # the data order mixes the seed into 64-bit generator seeds
+
+_TOKENIZER_RULES: dict[str, _Rule] = {
+    "resolution": _at_least(1),
+    # the data pipeline decodes every image to RGB, and the discriminator takes 3 channels
+    "in_channels": _Rule(lambda v: v == 3, "3 (RGB; every image is decoded to RGB)"),
+    "base_channels": _at_least(1),
+    "channel_mult": _Rule(lambda v: len(v) >= 1 and all(m >= 1 for m in v), "a non-empty list of integers >= 1"),
+    "num_res_blocks": _at_least(0),
+    "attention": _ANY_BOOL,
+    "z_channels": _at_least(1),
+    "spatial_norm": _ANY_BOOL,
+    "quantizer": _Rule(lambda v: bool(v), "a registered quantizer name"),  # the registry is asked after the ranges
+    "quantizer_kwargs": _Rule(lambda v: "dim" not in v, "a dict without 'dim' (dim is tokenizer.z_channels)"),
+}
+
+_TRAIN_RULES: dict[str, _Rule] = {
+    "steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": _above(0),
+    "warmup_steps": _at_least(0, "0 = no warm-up"),
+    "min_lr_ratio": _unit(closed=True),
+    "weight_decay": _at_least(0),
+    "beta1": _unit(),
+    "beta2": _unit(),
+    "grad_clip": _at_least(0, "0 = no clipping"),
+    "ema_decay": _unit(note="0 = no EMA"),
+    "seed": _Rule(lambda v: 0 <= v <= _SEED_MAX, f"in [0, {_SEED_MAX}]"),
+    "recon_loss": _one_of("l1", "l2"),
+    "recon_weight": _at_least(0),
+    "perceptual": _one_of("auto", "lpips", "none"),
+    "perceptual_weight": _at_least(0),
+    "lpips_net": _one_of("alex", "vgg"),
+    "quantizer_weight": _at_least(0),
+    "disc_weight": _at_least(0, "0 = no discriminator"),
+    "disc_start": _at_least(0),
+    "disc_adaptive": _ANY_BOOL,
+    "disc_lr": _at_least(0, "0 = same as lr"),
+    "disc_channels": _at_least(1),
+    "disc_layers": _at_least(0),
+    "lecam_weight": _at_least(0, "0 = off"),
+    "lecam_decay": _unit(),
+    "log_every": _at_least(1),
+    "eval_every": _at_least(0, "0 = only at the end"),
+    "checkpoint_every": _at_least(0, "0 = only at the end"),
+    "eval_images": _at_least(1),  # the held-out batch is evaluated (PSNR, grid) at least at the end
+    "num_workers": _at_least(0),
+    "amp": _one_of("auto", "bf16", "none"),
+    "cpu_threads": _at_least(0, "0 = torch's default"),
+}
+
+
+def _validate(cfg: Any, section: str, rules: Mapping[str, _Rule]) -> None:
+    """Types first (with coercion), then every field's range; the first bad field is a one-line ``ConfigError``."""
+    _check_types(cfg, section)
+    for f in dataclasses.fields(cfg):
+        if f.name not in rules:  # a bug: every field needs a range check
+            raise TypeError(f"{type(cfg).__name__}.{f.name} has no range check in tokkit.config")
+        value, rule = getattr(cfg, f.name), rules[f.name]
+        if not rule.ok(value):
+            raise ConfigError(f"{section}.{f.name} must be {rule.allowed}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it (JSON where it can be), cut to one short line."""
+    try:
+        text = json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else repr(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_quantizer(name: str, kwargs: Mapping[str, Any], z_channels: int) -> None:
+    """Build the quantizer once (on the meta device: no memory, no RNG draw) so that bad kwargs fail now."""
+    try:
+        key = json.dumps(kwargs, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON (a quantizer object inside the kwargs): no cache
+        _build_quantizer_check(name, z_channels, dict(kwargs))
+        return
+    _cached_quantizer_check(name, z_channels, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_quantizer_check(name: str, z_channels: int, key: str) -> None:
+    _build_quantizer_check(name, z_channels, json.loads(key))
+
+
+def _build_quantizer_check(name: str, z_channels: int, kwargs: dict[str, Any]) -> None:
+    import torch
+
+    from tokkit.quantizers import list_quantizers
+    from tokkit.quantizers.base import get_quantizer_class
+
+    if name not in list_quantizers():
+        raise ConfigError(
+            f"tokenizer.quantizer: unknown quantizer {name!r}; choose one of: {', '.join(list_quantizers())}"
+        )
+    cls = get_quantizer_class(name)
+    try:
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                cls(dim=z_channels, **kwargs)
+        except (NotImplementedError, RuntimeError):  # an op without a meta kernel (a user's quantizer): on the CPU
+            with torch.random.fork_rng(devices=[]):
+                cls(dim=z_channels, **kwargs)
+    except Exception as e:  # anything the quantizer refuses to be built with is a config mistake
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"tokenizer.quantizer_kwargs {_show(kwargs)} are not accepted by quantizer "
+            f"{name!r} (dim = tokenizer.z_channels = {z_channels}): {first}"
+        ) from None
+
+
+def check_compatible(tokenizer: TokenizerConfig, train: TrainConfig) -> None:
+    """Checks that need both configs: the PatchGAN must leave at least one logit at the tokenizer's resolution.
+
+    Raises:
+        ConfigError: one line naming the fields and what to change.
+    """
+    if train.disc_weight <= 0:
+        return
+    side = tokenizer.resolution // 2 ** max(train.disc_layers, 1)  # stride-2 layers (the first one always)
+    side -= 2 if train.disc_layers >= 1 else 1  # the two stride-1 4x4 convolutions (one without hidden layers)
+    if side < 1:
+        raise ConfigError(
+            f"train.disc_layers {train.disc_layers} is too deep for tokenizer.resolution {tokenizer.resolution}: "
+            "the discriminator would shrink the image to nothing; lower train.disc_layers or set train.disc_weight=0"
+        )

@@ -31,5 +31,9 @@ class ShardError(TokkitError):
     """A token shard set that is incomplete, corrupt or does not match the requested plan."""
 
 
+class OutputError(TokkitError):
+    """An output folder or file that cannot be created or written: a file in the way, read-only, no space left."""
+
+
 class TrainingDiverged(TokkitError):
     """A loss became NaN or Inf; the message names the step and the last good checkpoint."""

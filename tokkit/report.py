@@ -6,12 +6,18 @@ Plots: a reconstruction grid per checkpoint (input / reconstruction / error map)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
+
+from tokkit.errors import OutputError
 
 if TYPE_CHECKING:
     from tokkit.bench import BenchResult, CheckpointResult
@@ -85,8 +91,19 @@ def notes(result: BenchResult) -> list[str]:
 
 
 def write_outputs(result: BenchResult, out: Path) -> None:
-    """Write the PNGs, results.json and report.md into ``out`` and record their paths in ``result.files``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the PNGs, report.md and results.json into ``out`` and record their paths in ``result.files``.
+
+    Every file is written to a temporary name and renamed into place; results.json goes last, and a results.json
+    left by an earlier run is removed first, so a folder holding results.json holds a complete, matching set.
+
+    Raises:
+        OutputError: a file could not be written (read-only folder, no space left ...), in one line.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").unlink(missing_ok=True)
+    except OSError as e:
+        raise _output_error(out / "results.json", e) from None
     plt = _pyplot()
     for r in result.results:
         if r.grid is not None:
@@ -100,8 +117,37 @@ def write_outputs(result: BenchResult, out: Path) -> None:
         result.files["code_frequency"] = _save(plt, plot_code_frequency(plt, with_counts), out / "code_frequency.png")
     result.files["results"] = str(out / "results.json")
     result.files["report"] = str(out / "report.md")
-    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
-    (out / "report.md").write_text(markdown(result, out))
+    _write_atomic(out / "report.md", lambda f: f.write(markdown(result, out).encode()))
+    text = json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n"
+    _write_atomic(out / "results.json", lambda f: f.write(text.encode()))  # last: the mark of a complete set
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it into place; ``OutputError`` on failure."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _output_error(path, e) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _output_error(path: Path, e: OSError) -> OutputError:
+    reason = e.strerror or str(e) or type(e).__name__
+    hint = "free some space" if e.errno == errno.ENOSPC else "make it writable"
+    return OutputError(f"cannot write {path}: {reason}; {hint} or choose another --out, then run bench again")
 
 
 def _json_default(o: Any) -> Any:
@@ -198,8 +244,10 @@ def _pyplot() -> Any:
 
 
 def _save(plt: Any, fig: Any, path: Path) -> str:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return str(path)
 
 
