@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,13 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from tokkit.checkpoint import sha256_file as checkpoint_sha256_file
-from tokkit.errors import ConfigError, TokkitError, WeightsError
+from tokkit.errors import ConfigError, WeightsError
+from tokkit.runtime import TORCH_MIN, check_torch_version  # noqa: F401  (re-exported: tokkit.metrics.check_torch_version)
 
 MANIFEST = "weights.json"
-# torch.load(weights_only=True) is how tokkit reads anything saved with torch.save (metric weights here, train_state/
-# on --resume). Published advisories show it bypassable for code execution up to torch 2.5.1 (CVE-2025-32434) and
-# memory-unsafe on crafted inputs up to 2.9.1, so older torch is refused (pyproject.toml asks for the same floor).
-TORCH_MIN = (2, 10)
 _LPIPS_RAW = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1"
 
 
@@ -233,25 +229,6 @@ class LPIPSDistance(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         """(B, 3, H, W), (B, 3, H, W) in [-1, 1] -> (B,) distances; gradients flow to the inputs."""
         return self.model(a, b).reshape(a.shape[0])  # (B, 1, 1, 1) -> (B,)
-
-
-def check_torch_version(version: str | None = None) -> None:
-    """Refuse a torch whose ``torch.load(weights_only=True)`` is unsafe on untrusted files (see ``TORCH_MIN``).
-
-    Args:
-        version: the version string to judge; default ``torch.__version__``.
-
-    Raises:
-        TokkitError: one line naming the installed version and the upgrade command.
-    """
-    version = version if version is not None else str(torch.__version__)
-    m = re.match(r"(\d+)\.(\d+)", version)
-    if m and (int(m[1]), int(m[2])) < TORCH_MIN:
-        floor = ".".join(map(str, TORCH_MIN))
-        raise TokkitError(
-            f"torch {version} is too old for tokkit: its torch.load(weights_only=True) can run code or corrupt memory "
-            f"from a crafted file (CVE-2025-32434 and later advisories); upgrade: pip install -U 'torch>={floor}'"
-        )
 
 
 def _load_state(path: Path) -> dict[str, Tensor]:

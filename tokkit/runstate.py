@@ -31,6 +31,7 @@ import torch
 
 from tokkit.checkpoint import fsync_dir, read_checkpoint_meta, write_checkpoint_dir, write_durable
 from tokkit.errors import CheckpointError
+from tokkit.runtime import check_torch_version
 
 STATE, CKPT, COMMIT = "train_state", "checkpoint", "save.json"
 STATE_FORMAT, COMMIT_FORMAT = "tokkit-train-state/1", "tokkit-save/1"
@@ -206,6 +207,7 @@ def load_run_state(out: str | Path, map_location: str | torch.device = "cpu") ->
         if hashlib.sha256(blobs[name]).hexdigest() != sha:
             raise CheckpointError(f"cannot resume from {folder}: {name} does not match the sha256 in {MANIFEST} "
                                   f"(corrupt or replaced); {fix}")
+    check_torch_version()  # weights_only is only safe from torch 2.10 on
     try:
         state = torch.load(io.BytesIO(blobs.pop("state.pt")), map_location=map_location, weights_only=True)
         for name, blob in blobs.items():

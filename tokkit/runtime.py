@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
 
-from tokkit.errors import ConfigError
+from tokkit.errors import ConfigError, TokkitError
+
+# torch.load(weights_only=True) is how tokkit reads anything saved with torch.save (metric weights here, train_state/
+# on --resume). Published advisories show it bypassable for code execution up to torch 2.5.1 (CVE-2025-32434) and
+# memory-unsafe on crafted inputs up to 2.9.1, so older torch is refused (pyproject.toml asks for the same floor).
+TORCH_MIN = (2, 10)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -28,3 +34,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse a torch whose ``torch.load(weights_only=True)`` is unsafe on untrusted files (see ``TORCH_MIN``).
+
+    Args:
+        version: the version string to judge; default ``torch.__version__``.
+
+    Raises:
+        TokkitError: one line naming the installed version and the upgrade command.
+    """
+    version = version if version is not None else str(torch.__version__)
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) < TORCH_MIN:
+        floor = ".".join(map(str, TORCH_MIN))
+        raise TokkitError(
+            f"torch {version} is too old for tokkit: its torch.load(weights_only=True) can run code or corrupt memory "
+            f"from a crafted file (CVE-2025-32434 and later advisories); upgrade: pip install -U 'torch>={floor}'"
+        )

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from tokkit.config import TokenizerConfig, TrainConfig
+from tokkit.config import TokenizerConfig, TrainConfig, check_compatible
 from tokkit.data import ImageDataset, ImageSource, collate_skip_bad, open_source, to_float
 from tokkit.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from tokkit.errors import CheckpointError, ConfigError, DataError, TokkitError, TrainingDiverged
@@ -397,6 +397,7 @@ def train(
     """
     rep = resolve(reporter)
     t_start = time.perf_counter()
+    check_compatible(tokenizer_cfg, train_cfg)  # cross-field checks (discriminator depth vs resolution) before any work
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = init_distributed(device)
     dev, cfg = info.device, train_cfg
