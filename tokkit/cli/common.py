@@ -54,7 +54,8 @@ def handle_errors(fn: F) -> F:
         except TokkitError as e:
             raise fail(str(e)) from None
         except KeyboardInterrupt:
-            raise fail("interrupted; finished work is kept: run the same command again (tokkit train: with --resume)", 130) from None
+            msg = "interrupted; finished work is kept: run the same command again (tokkit train: with --resume)"
+            raise fail(msg, 130) from None
 
     return wrapper  # type: ignore[return-value]
 
