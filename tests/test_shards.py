@@ -112,3 +112,10 @@ def test_not_a_shard_set(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(ShardError, match="tokkit-shards/1"):
         read_manifest(tmp_path)
+
+
+def test_missing_shard_path_is_named_itself(tmp_path):
+    """A wrong path is reported as that path, not as its parent folder lacking a manifest."""
+    missing = tmp_path / "no-such-set"
+    with pytest.raises(ShardError, match=f"no shard set at {missing}: the path does not exist"):
+        open_shards(missing)

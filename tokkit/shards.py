@@ -518,6 +518,8 @@ def repair_command(root: str | Path, facts: dict[str, Any]) -> str:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """A shard set's manifest (``path`` is the folder or its ``manifest.json``); ShardError when absent or not ours."""
     p = Path(path)
+    if not p.exists():
+        raise ShardError(f"no shard set at {p}: the path does not exist (check it, or run tokkit encode --out {p})")
     mpath = p / MANIFEST if p.is_dir() else p
     if not mpath.is_file():
         ours = (mpath.parent / PLAN).exists() or (mpath.parent / SHARD_DIR).is_dir()
