@@ -368,3 +368,65 @@ def test_bench_on_cuda_runs_and_records_the_gpu(ckpts, images) -> None:
     # TF32 convolutions may move a few tokens: loose bounds, the exact numbers are pinned on the CPU above
     assert r.metrics["psnr"] == pytest.approx(cpu.metrics["psnr"], abs=0.5)
     assert r.metrics["ssim"] == pytest.approx(cpu.metrics["ssim"], abs=0.05)
+
+
+# ---- training images ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-step `tokkit train` run on a small folder: (run folder, its training data)."""
+    from helpers import make_folder
+
+    from tokkit.config import TokenizerConfig, TrainConfig
+    from tokkit.train import train
+
+    d = tmp_path_factory.mktemp("trained")
+    data = make_folder(d / "data", n=10)
+    tok = TokenizerConfig(resolution=16, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, z_channels=4,
+                          quantizer="fsq", quantizer_kwargs={"levels": [5, 5, 5]})  # fmt: skip
+    cfg = TrainConfig(steps=2, batch_size=4, eval_every=0, checkpoint_every=0, eval_images=2, perceptual="none",
+                      cpu_threads=1)  # fmt: skip
+    train(tok, cfg, data, d / "run", device="cpu")
+    return d / "run", data
+
+
+def test_bench_warns_when_measuring_the_training_images(trained_run, images, tmp_path) -> None:
+    import shutil
+
+    run, data = trained_run
+    rep = RecordingReporter()
+    result = bench([run, run / "checkpoint"], data, out=tmp_path / "out", metrics=["psnr"], reporter=rep, device="cpu")
+    for r in result.results:  # the run folder and its checkpoint/ both find run.json
+        assert len(r.warnings) == 1 and "trained on these images" in r.warnings[0] and "\n" not in r.warnings[0]
+    line = result.results[0].warnings[0]
+    assert line in rep.messages  # the CLI prints it as it happens
+    assert f"> {line}" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]["warnings"] == [line]
+    # the same images elsewhere (a moved copy keeps sizes and mtimes): recognized by the source fingerprint
+    shutil.copytree(data, tmp_path / "moved")
+    assert bench([run], tmp_path / "moved", metrics=["psnr"], device="cpu").results[0].warnings
+    # other images: no warning
+    assert bench([run], images, metrics=["psnr"], device="cpu").results[0].warnings == []
+
+
+def test_bench_training_data_warning_reads_the_whole_data_history(ckpts, images, tmp_path) -> None:
+    from tokkit.bench import training_data_warning
+    from tokkit.data import open_source
+
+    fp = open_source(images).fingerprint()
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint"
+    ckpt.mkdir(parents=True)
+    rec = {"data": "/elsewhere/now", "data_fingerprint": "0" * 64, "data_history": [{"step": 0, "data": str(images)}]}
+    (run / "run.json").write_text(json.dumps(rec))
+    assert training_data_warning(ckpt, images, fp)  # trained on it before switching (data_history)
+    rec["data_history"] = [{"step": 0, "data": "/old", "data_fingerprint": fp}]
+    (run / "run.json").write_text(json.dumps(rec))
+    assert training_data_warning(ckpt, images, fp)  # by fingerprint
+    rec["data_history"] = []
+    (run / "run.json").write_text(json.dumps(rec))
+    assert training_data_warning(ckpt, images, fp) is None
+    (run / "run.json").write_text("{not json")
+    assert training_data_warning(ckpt, images, fp) is None  # unreadable: nothing to say, no error
+    assert training_data_warning(ckpts["lfq"], images, fp) is None  # a checkpoint without a run

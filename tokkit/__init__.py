@@ -2,11 +2,21 @@
 
 Public API::
 
+    import torch
+    from PIL import Image
+
     import tokkit
-    tok = tokkit.load("runs/sample-fsq/checkpoint")        # a trained Tokenizer
-    ids = tok.encode(images)                               # (B, 3, H, W) in [-1, 1] -> (B, h, w) int64
-    q = tokkit.FSQ(levels=[8, 5, 5, 5])                    # any quantizer, alone
-    ds = tokkit.open_shards("shards/")                     # token shards as a torch Dataset
+
+    tok = tokkit.load("runs/sample-fsq/checkpoint")        # a trained Tokenizer (or the run folder runs/sample-fsq)
+    ids = tok.encode_images(["cat.jpg", Image.open("dog.png")])  # files / PIL images / uint8 arrays -> (2, h, w) int64
+    pics = tok.decode_to_images(ids)                       # 2 RGB PIL images, tok.resolution pixels square
+    x = tok.decode(ids)                                    # float (2, 3, H, W) in [-1, 1]; tok.encode(x) -> ids
+    q = tokkit.FSQ(dim=4, levels=[8, 5, 5, 5])             # any quantizer, alone (dim: input channels)
+    out = q(torch.randn(2, 4, 16, 16))                     # QuantizerOutput: out.codes, out.indices (2, 16, 16)
+    ds = tokkit.open_shards("shards/")                     # token shards (tokkit encode) as a torch Dataset
+    tokens, label = ds[0]                                  # (h, w) int64, class index (-1: unlabeled)
+
+``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
 """
 
 from __future__ import annotations

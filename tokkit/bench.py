@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -54,6 +55,8 @@ class CheckpointResult:
             ``levels`` for FSQ).
         protocol: how the numbers were obtained (images, preprocessing, reference, rounding, weights, versions).
         files: plot name -> path of the PNG written (empty without ``out``).
+        warnings: one-line cautions about how to read the numbers (e.g. measured on the checkpoint's training
+            images); also in report.md's notes and sent to the reporter.
     """
 
     checkpoint: str
@@ -64,6 +67,7 @@ class CheckpointResult:
     usage: dict[str, Any]
     protocol: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     # for the plots, never in results.json: a few inputs / reconstructions uint8 (N, r, r, 3) and the code
     # counts sorted from most to least frequent
     grid: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
@@ -261,6 +265,11 @@ def bench(
     source = open_source(data)
     n_total = len(source)
     n_use = min(n_total, num_images) if num_images else n_total
+    fingerprint = source.fingerprint()
+    cautions = [training_data_warning(c, data, fingerprint) for c in ckpt_dirs]
+    for line in cautions:
+        if line:
+            rep.message(line)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         prepare_out_dir(out_dir)  # a file in the way or a read-only folder: now, not after the whole run
@@ -288,14 +297,14 @@ def bench(
             "spec": str(data),
             "root": source.root,
             "images_in_source": n_total,
-            "fingerprint": source.fingerprint(),
+            "fingerprint": fingerprint,
         },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "metrics": wanted,
     }
     results = []
     real_cache: dict[int, dict[str, Tensor]] = {}  # resolution -> FID reference statistics (same inputs)
-    for ckpt, meta, name in zip(ckpt_dirs, metas, _unique_names(ckpt_dirs), strict=True):
+    for ckpt, meta, name, caution in zip(ckpt_dirs, metas, _unique_names(ckpt_dirs), cautions, strict=True):
         model = load(ckpt, device=dev)
         res = _bench_one(
             model, source, n_use, batch_size, wanted, fid, lp, lpips_net, dev, workers, rep, name, real_cache
@@ -304,6 +313,7 @@ def bench(
         res.protocol["checkpoint_sha256"] = meta["weights_sha256"]
         for m, reason in unavailable.items():
             res.unavailable.setdefault(m, reason)
+        res.warnings += [caution] if caution else []
         results.append(res)
         del model
     result = BenchResult(results, environment)
@@ -312,6 +322,47 @@ def bench(
 
         write_outputs(result, out_dir)
     return result
+
+
+def training_data_warning(checkpoint: str | Path, data: str | Path, fingerprint: str) -> str | None:
+    """A warning when the run that produced ``checkpoint`` recorded ``data`` as its training data, else None.
+
+    The run's ``run.json`` (in the checkpoint folder's run folder: ``RUN/checkpoint`` -> ``RUN/run.json``) records
+    the training data and its source fingerprint, also for each switch (``data_history``). The bench data is the
+    training data when its path (resolved as ``tokkit train`` records it) or its fingerprint equals a recorded one:
+    the same images under another path, such as a moved folder, are recognized too. A checkpoint without a readable
+    run.json gets no warning.
+    """
+    ckpt = Path(checkpoint)
+    records = [ckpt / "run.json"] + ([ckpt.parent / "run.json"] if ckpt.name == "checkpoint" else [])
+    run_json = next((p for p in records if p.is_file()), None)
+    if run_json is None:
+        return None
+    try:
+        rec = json.loads(run_json.read_text())
+        trained = [rec] + [h for h in rec.get("data_history") or [] if isinstance(h, dict)]
+        specs = {_data_spec(t["data"]) for t in trained if isinstance(t.get("data"), str)}
+        prints = {t["data_fingerprint"] for t in trained if isinstance(t.get("data_fingerprint"), str)}
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not a run record: nothing to say
+        return None
+    spec = _data_spec(data)
+    if spec not in specs and fingerprint not in prints:
+        return None
+    return (
+        f"{ckpt} was trained on these images ({spec}, per {run_json}): its numbers measure reconstruction of "
+        "training images, not of unseen ones; bench on held-out images to compare tokenizers"
+    )
+
+
+def _data_spec(data: str | Path) -> str:
+    """``data`` as ``tokkit train`` records it in run.json: ``sample``, or an absolute path (``FILE.npz:KEY`` too)."""
+    text = str(data)
+    if text == "sample":
+        return text
+    if ".npz:" in text and not Path(text).exists():
+        path, key = text.rsplit(":", 1)
+        return f"{Path(path).expanduser().resolve()}:{key}"
+    return str(Path(text).expanduser().resolve())
 
 
 def _check_count(name: str, flag: str, value: Any, minimum: int) -> None:
@@ -531,4 +582,5 @@ __all__ = [
     "library_versions",
     "prepare_out_dir",
     "subset_indices",
+    "training_data_warning",
 ]

@@ -71,9 +71,13 @@ def summary_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
 
 
 def notes(result: BenchResult) -> list[str]:
-    """One line per distinct reason a metric was unavailable, plus a warning for non-official weights."""
+    """One line per distinct warning (training images ...) and reason a metric was unavailable, plus a warning for
+    non-official weights."""
     seen: list[str] = []
     for r in result.results:
+        for line in r.warnings:
+            if line not in seen:
+                seen.append(line)
         for why in r.unavailable.values():
             if why not in seen:
                 seen.append(why)

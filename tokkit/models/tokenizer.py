@@ -5,15 +5,22 @@ Axis legend: B batch, H/W image size, h/w token grid, G index groups (grouped / 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from tokkit.config import TokenizerConfig
+from tokkit.data.images import BadImage, _first_line, _to_rgb, _upright, decode_image
+from tokkit.data.inputs import max_input_bytes, read_regular_file
+from tokkit.data.transforms import center_crop_resize, to_float, to_uint8
 from tokkit.errors import ConfigError
 from tokkit.models.autoencoder import Decoder, Encoder
 from tokkit.quantizers.base import Quantizer, QuantizerOutput, build_quantizer
@@ -51,12 +58,18 @@ def quantizer_from_config(config: TokenizerConfig) -> Quantizer:
 class Tokenizer(nn.Module):
     """A discrete image tokenizer: images <-> integer token grids.
 
-    Images are float tensors (B, 3, H, W) in [-1, 1]. For uint8 images use the helpers in ``tokkit.data``:
-    ``to_float(uint8 (B, H, W, 3)) -> float (B, 3, H, W) in [-1, 1]`` before ``encode``, and
-    ``to_uint8(float (B, 3, H, W)) -> uint8 (B, H, W, 3)`` after ``decode``::
+    Image files, PIL images and uint8 arrays of any size go through ``encode_images``, with the same pinned
+    preprocessing as ``tokkit encode`` (EXIF orientation, alpha on white, shorter side resized to ``resolution`` and
+    center-cropped); ``decode_to_images`` turns ids back into PIL images::
+
+        ids = tok.encode_images(["photo.jpg", Image.open("icon.png")])   # (2, h, w) int64
+        pics = tok.decode_to_images(ids)                                 # 2 RGB PIL images, resolution x resolution
+
+    ``encode`` and ``decode`` work on float tensors (B, 3, H, W) in [-1, 1] at ``resolution``. For uint8 batches that
+    are already that size use ``to_float`` / ``to_uint8`` from ``tokkit.data``::
 
         from tokkit.data import to_float, to_uint8
-        ids = tok.encode(to_float(uint8_images))        # (B, h, w) int64
+        ids = tok.encode(to_float(uint8_images))        # uint8 (B, H, W, 3) -> (B, h, w) int64
         out = to_uint8(tok.decode(ids))                  # (B, H, W, 3) uint8
 
     ``decode(encode(x))`` equals ``forward(x)[0].clamp(-1, 1)`` in eval mode (up to float rounding of the
@@ -139,6 +152,107 @@ class Tokenizer(nn.Module):
         param = next(self.decoder.parameters())
         return self.decoder(codes.to(param.dtype)).clamp(-1.0, 1.0)
 
+    # ---- images in, images out ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+    ) -> Tensor:
+        """Image files, PIL images or uint8 arrays -> int64 token ids (N, h, w[, G]) on the CPU.
+
+        The preprocessing is ``tokkit encode``'s, step for step, so the ids equal those in its shards: files are
+        read and decoded by ``tokkit.data.decode_image`` (EXIF orientation applied, alpha composited on white,
+        16-bit and palette images made 8-bit RGB), the shorter side is resized to ``resolution`` (bicubic,
+        antialiased) and center-cropped (``center_crop_resize``), and pixels become [-1, 1] (``to_float``). On CUDA
+        the encoder runs under bf16 autocast, as ``tokkit encode`` does. Files are read one batch at a time.
+
+        Args:
+            images: one image or a sequence of them. An image is a path (``str`` / ``os.PathLike``) to an image
+                file, a ``PIL.Image`` (EXIF orientation and alpha handled as for files), or a uint8 array (H, W, 3)
+                (also (H, W) / (H, W, 1) gray, (H, W, 4) RGBA); a uint8 array (N, H, W, 3) is N images.
+            batch_size: images per forward pass.
+            device: where to run; None: where the tokenizer is. Another device moves the tokenizer there
+                (``tok.to(device)``); ``auto`` picks CUDA when available.
+
+        Returns:
+            int64 (N, *index_shape), one row per image in order (N = 1 for a single image).
+
+        Raises:
+            DataError: a file that cannot be read or decoded (``BadImage``: one line naming the file and why).
+            ConfigError: an input of another kind (float arrays and tensors go to ``encode``), bad ``batch_size``.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        dev = self._device(device)
+        items = _image_items(images)
+        r = self.resolution
+        out = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            pixels = np.stack([center_crop_resize(_rgb_image(x, key), r) for x, key in chunk])  # (b, r, r, 3) uint8
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+            with amp:
+                out.append(self.encode(to_float(torch.from_numpy(pixels).to(dev))).cpu())  # (b, *index_shape)
+        if not out:
+            return torch.zeros((0, *self.index_shape), dtype=torch.int64)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_to_images(
+        self, ids: Tensor | np.ndarray, *, batch_size: int = 64, device: str | torch.device | None = None
+    ) -> list[Image.Image]:
+        """Token ids (N, h, w[, G]) or one grid (h, w[, G]) -> N RGB ``PIL.Image`` of ``resolution`` x ``resolution``.
+
+        Pixels are ``decode``'s output clamped to [-1, 1] and rounded to uint8 (``to_uint8``).
+
+        Args:
+            ids: integer token ids (a tensor or a numpy array, any integer dtype; shard codes as they are).
+            batch_size: grids per forward pass.
+            device: as for ``encode_images``.
+
+        Raises:
+            ConfigError: float ids, a shape other than (N, *index_shape), ids outside [0, codebook_size).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        dev = self._device(device)
+        if isinstance(ids, Tensor):
+            integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        else:
+            ids = np.asarray(ids)
+            integer = ids.dtype.kind in "iu"
+        if not integer:
+            raise ConfigError(f"decode_to_images expects integer token ids, got {ids.dtype}")
+        t = ids.long() if isinstance(ids, Tensor) else torch.from_numpy(ids.astype(np.int64))  # uint16 shard codes too
+        shape = tuple(self.index_shape)
+        if tuple(t.shape) == shape:
+            t = t.unsqueeze(0)  # one grid -> a batch of one
+        if t.dim() != len(shape) + 1 or tuple(t.shape[1:]) != shape:
+            raise ConfigError(f"expected token ids (N, {', '.join(map(str, shape))}), got shape {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.codebook_size):
+            bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+            raise ConfigError(f"token id {bad} outside [0, {self.codebook_size}): ids from another tokenizer?")
+        pics: list[Image.Image] = []
+        for start in range(0, len(t), batch_size):
+            pixels = to_uint8(self.decode(t[start : start + batch_size].to(dev))).cpu().numpy()  # (b, H, W, 3)
+            pics += [Image.fromarray(p) for p in pixels]
+        return pics
+
+    def _device(self, device: str | torch.device | None) -> torch.device:
+        """The device to run on: the tokenizer's own for None; otherwise the tokenizer is moved there."""
+        here = next(self.parameters()).device
+        if device is None:
+            return here
+        from tokkit.runtime import resolve_device
+
+        dev = resolve_device(device)
+        if dev != here:
+            self.to(dev)
+        return next(self.parameters()).device
+
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint folder (model.safetensors + config.json); see ``tokkit.checkpoint``."""
         from tokkit.checkpoint import save_checkpoint
@@ -156,4 +270,55 @@ class Tokenizer(nn.Module):
             )
 
 
-__all__ = ["Tokenizer", "decoder_kwargs", "encoder_kwargs", "quantizer_from_config"]
+# what ``encode_images`` takes as one image
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+def _image_items(images: Any) -> list[tuple[Any, str]]:
+    """One image or a sequence of them -> [(image, name for error messages)], without reading anything."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return [(a, f"array[{i}]") for i, a in enumerate(images)]  # (N, H, W, C): N images
+    if isinstance(images, str | os.PathLike | Image.Image | np.ndarray):
+        images = [images]
+    if isinstance(images, Tensor):
+        raise ConfigError(
+            "encode_images takes files, PIL images or uint8 numpy arrays; for a float tensor (B, 3, H, W) in [-1, 1] "
+            "use tok.encode(x), for a uint8 tensor tok.encode(tokkit.data.to_float(x))"
+        )
+    if not isinstance(images, Iterable) or isinstance(images, bytes | dict):
+        raise ConfigError(
+            f"encode_images takes a path, a PIL image, a uint8 array or a list of them, not {type(images).__name__}"
+        )
+    items = []
+    for i, x in enumerate(list(images)):
+        if isinstance(x, str | os.PathLike):
+            items.append((x, os.fspath(x)))
+        else:
+            items.append((x, f"{getattr(x, 'filename', '') or f'image[{i}]'}"))
+    return items
+
+
+def _rgb_image(x: Any, key: str) -> Image.Image:
+    """One input as an upright 8-bit RGB image, read as ``tokkit encode`` reads files; ``BadImage`` when unreadable."""
+    if isinstance(x, str | os.PathLike):
+        return decode_image(read_regular_file(x, key, max_input_bytes()), key)
+    if isinstance(x, Image.Image):
+        try:
+            x.load()
+            return _to_rgb(_upright(x))
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadImage(key, f"unreadable PIL image: {_first_line(e)}") from None
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise ConfigError(
+                f"{key}: encode_images takes uint8 arrays, got {x.dtype}; for floats in [-1, 1] use tok.encode"
+            )
+        if x.ndim == 3 and x.shape[-1] == 1:
+            x = x[..., 0]  # (H, W, 1) -> (H, W)
+        if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (3, 4))):
+            raise ConfigError(f"{key}: expected a uint8 image (H, W, 3), (H, W, 4) or (H, W), got shape {x.shape}")
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(x)))
+    raise ConfigError(f"{key}: encode_images takes paths, PIL images or uint8 arrays, not {type(x).__name__}")
+
+
+__all__ = ["ImageInput", "Tokenizer", "decoder_kwargs", "encoder_kwargs", "quantizer_from_config"]
