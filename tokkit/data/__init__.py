@@ -1,5 +1,6 @@
 """Image data: sources (folder, zip, list, arrays, the built-in sample set), robust decoding, pinned preprocessing.
 
+    from torch.utils.data import DataLoader
     from tokkit.data import open_source, ImageDataset, collate_skip_bad, to_float
     src = open_source("photos/")                      # or a .zip, a .txt list, a .npy/.npz, or "sample"
     ds = ImageDataset(src, resolution=64)             # item -> dict(image uint8 (3, 64, 64), label, index)
