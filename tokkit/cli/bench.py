@@ -48,7 +48,8 @@ def bench(
     checkpoints: Annotated[
         list[Path],
         typer.Argument(
-            callback=checks.checkpoint_argument, help="Checkpoint folders (or run folders holding checkpoint/); one row each."
+            callback=checks.checkpoint_argument,
+            help="Checkpoint folders (or run folders holding checkpoint/); one row each.",
         ),
     ],
     data: Annotated[
@@ -58,15 +59,10 @@ def bench(
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", callback=checks.out_option, help="Folder for results.json, report.md and PNGs.")
+        Path,
+        typer.Option("--out", "-o", callback=checks.out_option, help="Folder for results.json, report.md and PNGs."),
     ] = Path(".bench_out"),
-    num_images: Annotated[
-        int | None,
-        typer.Option(
-            "--num-images", "-n", min=1, show_default=False,
-            help="Use N images spread evenly over the set (always the same ones) [default: all].",
-        ),
-    ] = None,  # fmt: skip
+    num_images: NumImagesOpt = None,
     metrics: Annotated[
         str,
         typer.Option(

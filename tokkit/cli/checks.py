@@ -22,7 +22,7 @@ VIEWS = ("none", "flip", "tencrop")  # tokkit.data.transforms.VIEWS (a test keep
 
 
 def checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder holding ``checkpoint/``, exists (``tokkit.checkpoint.resolve_checkpoint_dir``)."""
+    """A checkpoint folder, or a run folder holding ``checkpoint/``, exists (as ``resolve_checkpoint_dir`` checks)."""
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: pass a folder with {_WEIGHTS} and {_CONFIG} (e.g. runs/NAME)")
     if not path.is_dir():
@@ -46,7 +46,8 @@ def data(spec: str) -> str:
 def shard_path(path: Path) -> Path:
     """A shard set folder (or its manifest) exists (``tokkit.shards.read_manifest`` says what else is wrong)."""
     if not path.exists():
-        raise ShardError(f"no shard set at {path}: the path does not exist (check it, or run tokkit encode --out {path})")
+        hint = f"check it, or run tokkit encode --out {path}"
+        raise ShardError(f"no shard set at {path}: the path does not exist ({hint})")
     return path
 
 
@@ -90,4 +91,3 @@ def views_option(value: str) -> str:
     if value not in VIEWS:
         raise typer.BadParameter(f"unknown --views {value!r}: use one of {', '.join(VIEWS)}")
     return value
-

@@ -50,7 +50,13 @@ WorkersOpt = Annotated[
 ]  # fmt: skip
 NumImagesOpt = Annotated[
     int | None,
-    typer.Option("--num-images", "-n", min=1, show_default=False, help="Use N images [default: all]."),
+    typer.Option(
+        "--num-images",
+        "-n",
+        min=1,
+        show_default=False,
+        help="Use N images [default: all]: decode the first N; bench N spread evenly over the set (always the same).",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (notes and the result still print).")]
 JsonOpt = Annotated[

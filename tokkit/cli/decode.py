@@ -13,6 +13,7 @@ from tokkit.cli.common import (
     CheckpointArg,
     DeviceOpt,
     JsonOpt,
+    NumImagesOpt,
     QuietOpt,
     RichReporter,
     handle_errors,
@@ -31,10 +32,7 @@ def decode(
     out: Annotated[
         Path, typer.Option("--out", "-o", callback=checks.out_option, help="Folder for the PNG files (one per item).")
     ],
-    num_images: Annotated[
-        int | None,
-        typer.Option("--num-images", "-n", min=1, show_default=False, help="Decode only the first N [default: all]."),
-    ] = None,
+    num_images: NumImagesOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, hidden=True)] = None,  # the old spelling
     grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png with every decoded image.")] = False,
     view: Annotated[int, typer.Option("--view", min=0, help="Which stored view to decode.")] = 0,

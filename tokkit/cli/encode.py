@@ -47,16 +47,15 @@ def encode(
     views: Annotated[
         str,
         typer.Option(
-            "--views", callback=checks.views_option,
+            "--views",
+            callback=checks.views_option,
             help="none, flip (2 views) or tencrop (10 views), stored as a views axis.",
         ),
     ] = "none",
     device: DeviceOpt = "auto",
     max_errors: Annotated[
         float,
-        typer.Option(
-            "--max-errors", min=0.0, help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."
-        ),
+        typer.Option("--max-errors", min=0.0, help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."),
     ] = 0.01,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input.")] = False,
     overwrite: Annotated[

@@ -80,7 +80,8 @@ def emit_table(
     if not console.is_terminal:
         typer.echo(title)
         for cells in [list(headers), *rows]:
-            parts = [c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+            pairs = enumerate(zip(cells, widths, strict=True))
+            parts = [c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in pairs]
             typer.echo("  ".join(parts).rstrip())
         return
     fixed = widths[:-1] + ([min(widths[-1], 30)] if wrap_last else widths[-1:])
@@ -99,5 +100,5 @@ def emit_table(
     console.print(f"[bold]{title}[/]", highlight=False)
     for r in rows:  # too narrow for columns: one block per row
         console.print(f"[bold]{r[0]}[/]", highlight=False, soft_wrap=True)
-        for h, c in zip(headers[1:], r[1:]):
+        for h, c in zip(headers[1:], r[1:], strict=True):
             console.print(f"  {h}: {c}", highlight=False, soft_wrap=True)

@@ -33,7 +33,9 @@ def train(
     data: Annotated[
         str | None,
         typer.Option(
-            "--data", "-d", callback=checks.data_option,
+            "--data",
+            "-d",
+            callback=checks.data_option,
             help="Image folder, .zip, .txt list, .npy/.npz uint8 array, or 'sample' (the default; with --resume: the "
             "run's own data).",
         ),
@@ -67,7 +69,8 @@ def train(
     eval_data: Annotated[
         str | None,
         typer.Option(
-            "--eval-data", callback=checks.data_option,
+            "--eval-data",
+            callback=checks.data_option,
             help="Separate images for the held-out batch (default: from --data).",
         ),
     ] = None,
