@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import re
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from tokkit.errors import ConfigError, TokkitError
+
+if TYPE_CHECKING:  # torch and numpy are imported where used: the CLI checks the torch version without loading torch
+    import torch
 
 # torch.load(weights_only=True) is how tokkit reads anything saved with torch.save (metric weights here, train_state/
 # on --resume). Published advisories show it bypassable for code execution up to torch 2.5.1 (CVE-2025-32434) and
@@ -18,6 +19,8 @@ TORCH_MIN = (2, 10)
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA if available else CPU; otherwise the named device, checked to exist."""
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -31,6 +34,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -40,12 +46,14 @@ def check_torch_version(version: str | None = None) -> None:
     """Refuse a torch whose ``torch.load(weights_only=True)`` is unsafe on untrusted files (see ``TORCH_MIN``).
 
     Args:
-        version: the version string to judge; default ``torch.__version__``.
+        version: the version string to judge; default ``torch.__version__`` when torch is loaded, else the installed
+            distribution's version (``importlib.metadata``), so that the check does not load torch.
 
     Raises:
         TokkitError: one line naming the installed version and the upgrade command.
     """
-    version = version if version is not None else str(torch.__version__)
+    if version is None:
+        version = _torch_version()
     m = re.match(r"(\d+)\.(\d+)", version)
     if m and (int(m[1]), int(m[2])) < TORCH_MIN:
         floor = ".".join(map(str, TORCH_MIN))
@@ -53,3 +61,19 @@ def check_torch_version(version: str | None = None) -> None:
             f"torch {version} is too old for tokkit: its torch.load(weights_only=True) can run code or corrupt memory "
             f"from a crafted file (CVE-2025-32434 and later advisories); upgrade: pip install -U 'torch>={floor}'"
         )
+
+
+def _torch_version() -> str:
+    import sys
+
+    if "torch" in sys.modules:
+        return str(sys.modules["torch"].__version__)
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("torch")
+    except PackageNotFoundError:  # a source build without metadata: ask torch itself
+        import torch
+
+        return str(torch.__version__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 import typer.core
@@ -47,8 +47,12 @@ class OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: Any) -> Any:
-        """Refuse an unsafe torch before any command reads a file (``tokkit.metrics.check_torch_version``)."""
-        from tokkit.metrics import check_torch_version
+        """Refuse an unsafe torch before any command reads a file (``tokkit.runtime.check_torch_version``).
+
+        The check reads the installed version without importing torch (seconds), so that a wrong path or value is
+        still reported at once.
+        """
+        from tokkit.runtime import check_torch_version
 
         check_torch_version()
         return super().invoke(ctx)
@@ -63,6 +67,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tokkit import __version__
+
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    typer.echo(f"tokkit {__version__} (torch {torch}, python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the tokkit version and exit."),
+    ] = False,
+) -> None:
+    """Discrete image tokenizers: train, encode to token shards, decode, benchmark."""
+
 
 app.command("train")(train.train)
 app.command("presets")(presets.presets)

@@ -6,41 +6,78 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+from tokkit.cli import checks
 from tokkit.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
+    JsonOpt,
+    NumImagesOpt,
+    QuietOpt,
     RichReporter,
     WeightsDirOpt,
     WorkersOpt,
-    console,
+    cap_workers,
     err_console,
     handle_errors,
+    library_default,
 )
+from tokkit.cli.output import emit_json, emit_table
+
+# tokkit.bench.METRICS and tokkit.metrics.LPIPS_NETS, here without loading torch (a test keeps them equal)
+METRICS = ("rfid", "lpips", "psnr", "ssim", "usage")
+LPIPS_NETS = ("alex", "vgg")
+
+
+def _metrics_option(value: str) -> str:
+    wanted = [m.strip() for m in value.split(",") if m.strip()]
+    bad = sorted(set(wanted) - set(METRICS))
+    if bad or not wanted:
+        raise typer.BadParameter(f"unknown metrics {', '.join(bad) or '(none)'}; choose from: {', '.join(METRICS)}")
+    return value
+
+
+def _lpips_net_option(value: str) -> str:
+    if value not in LPIPS_NETS:
+        raise typer.BadParameter(f"unknown LPIPS net {value!r}; choose one of: {', '.join(LPIPS_NETS)}")
+    return value
 
 
 @handle_errors
 def bench(
     checkpoints: Annotated[
-        list[Path], typer.Argument(help="Checkpoint folders (or run folders holding checkpoint/); one row each.")
+        list[Path],
+        typer.Argument(
+            callback=checks.checkpoint_argument,
+            help="Checkpoint folders (or run folders holding checkpoint/); one row each.",
+        ),
     ],
-    data: Annotated[str, typer.Option("--data", "-d", help="Images: folder, .zip, .txt list, .npy/.npz or 'sample'.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.json, report.md and PNGs.")] = Path(
-        ".bench_out"
-    ),
-    num_images: Annotated[
-        int | None, typer.Option("--num-images", "-n", min=1, help="Use the first N images (default: all).")
-    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", callback=checks.data_option, help="Images: folder, .zip, .txt list, .npy/.npz or 'sample'."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", callback=checks.out_option, help="Folder for results.json, report.md and PNGs."),
+    ] = Path(".bench_out"),
+    num_images: NumImagesOpt = None,
     metrics: Annotated[
-        str, typer.Option("--metrics", "-m", help="Comma-separated subset of rfid,lpips,psnr,ssim,usage.")
-    ] = "rfid,lpips,psnr,ssim,usage",
+        str,
+        typer.Option(
+            "--metrics", "-m", callback=_metrics_option, help="Comma-separated subset of rfid,lpips,psnr,ssim,usage."
+        ),
+    ] = ",".join(METRICS),
     weights_dir: WeightsDirOpt = None,
-    lpips_net: Annotated[str, typer.Option("--lpips-net", help="LPIPS backbone: alex or vgg.")] = "alex",
+    lpips_net: Annotated[
+        str, typer.Option("--lpips-net", callback=_lpips_net_option, help="LPIPS backbone: alex or vgg.")
+    ] = "alex",
     device: DeviceOpt = "auto",
-    batch_size: BatchSizeOpt = 32,
-    workers: WorkersOpt = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Benchmark tokenizer checkpoints on the same images under a written protocol.
 
@@ -56,26 +93,24 @@ def bench(
         data,
         out=out,
         num_images=num_images,
-        batch_size=batch_size,
-        metrics=[m for m in metrics.split(",") if m.strip()],
+        batch_size=batch_size or library_default(run_bench, "batch_size"),
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()],
         weights_dir=weights_dir,
         lpips_net=lpips_net,
         device=device,
-        workers=workers,
+        workers=cap_workers(library_default(run_bench, "workers") if workers is None else workers),
         reporter=reporter,
     )
-    headers, rows = summary_rows(result)
-    table = Table(title=f"tokkit bench: {result.results[0].protocol['num_images']} images", show_lines=False)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i == 0)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
     for line in notes(result):
         if line in reporter.said:  # already printed when it happened
             continue
         err_console.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
-    console.print(f"results: {result.files['results']}  report: {result.files['report']}", highlight=False)
+    if json_out:
+        emit_json(result)
+        return
+    headers, rows = summary_rows(result)
+    emit_table(f"tokkit bench: {result.results[0].protocol['num_images']} images", headers, rows, right_from=2)
+    typer.echo(f"results: {result.files['results']}  report: {result.files['report']}")
 
 
 class _Reporter(RichReporter):

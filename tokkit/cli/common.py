@@ -1,8 +1,14 @@
-"""Pieces every command shares: option aliases defined once, error handling, and the rich progress reporter."""
+"""Pieces every command shares: option aliases defined once, error handling, and the progress reporters.
+
+Nothing here imports torch: a command checks its paths and values (``tokkit.cli.checks``) before it imports the
+library, so that a mistake is reported at once.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,14 +18,17 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tokkit.cli import checks
 from tokkit.errors import TokkitError
-from tokkit.progress import Reporter
+from tokkit.progress import IntervalReporter, Reporter
 
 console = Console()
 err_console = Console(stderr=True)
 
-# ---- option aliases (one definition, reused by every command) ----
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+# ---- option aliases: one definition each, the same name, short flag and default on every command that has it ----
+DeviceOpt = Annotated[
+    str, typer.Option("--device", callback=checks.device_option, help="auto, cpu, cuda or cuda:N (also mps, xpu).")
+]
 WeightsDirOpt = Annotated[
     Path | None,
     typer.Option(
@@ -28,12 +37,40 @@ WeightsDirOpt = Annotated[
         help="Folder with pretrained metric/loss weights (InceptionV3, AlexNet, LPIPS); env TOKKIT_WEIGHTS_DIR.",
     ),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", "-b", min=1, show_default=False, help="Images per batch [default: the library's]."),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", "-j", min=0, show_default=False,
+        help="DataLoader worker processes [default: the library's; any value is capped at the CPU cores - 1].",
+    ),
+]  # fmt: skip
+NumImagesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-images",
+        "-n",
+        min=1,
+        show_default=False,
+        help="Use N images [default: all]: decode the first N; bench N spread evenly over the set (always the same).",
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress (notes and the result still print).")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the result as one JSON object on stdout (nothing else on stdout).")
+]
 NprocOpt = Annotated[
     int, typer.Option("--nproc-per-node", min=1, help="Processes on this node; >1 relaunches under torchrun.")
 ]
-CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder (model.safetensors + config.json).")]
+CheckpointArg = Annotated[
+    Path,
+    typer.Argument(
+        callback=checks.checkpoint_argument, help="Checkpoint folder (model.safetensors + config.json) or run folder."
+    ),
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,8 +97,34 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def library_default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of library function ``fn`` (the CLI's defaults are the library's)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cap_workers(requested: int) -> int:
+    """DataLoader workers at most the cores left to each local process, minus the one that runs the model.
+
+    More workers than cores only slows loading down and makes PyTorch warn once per DataLoader.
+    """
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return max(0, min(requested, usable_cores() // local - 1))
+
+
 class RichReporter(Reporter):
-    """A ``Reporter`` that draws a rich progress bar with live fields (loss, PSNR, img/s ...) and prints messages."""
+    """A rich progress bar with live fields (loss, PSNR, img/s ...) in a terminal; plain lines every few seconds
+    (``$TOKKIT_PROGRESS_INTERVAL``, see ``tokkit.progress.IntervalReporter``) when stderr is a file or a pipe.
+
+    ``enabled=False`` (``--quiet``) hides progress; messages still print.
+    """
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
         self.console = console or err_console
@@ -69,10 +132,16 @@ class RichReporter(Reporter):
         self._progress: Progress | None = None
         self._task: Any = None
         self._t0 = 0.0
+        self._plain: IntervalReporter | None = None
+        if enabled and not self.console.is_terminal:
+            self._plain = IntervalReporter(stream=self.console.file)
 
     def start(self, description: str, total: int | None) -> None:
         self.stop()
         if not self.enabled:
+            return
+        if self._plain is not None:
+            self._plain.start(description, total)
             return
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -90,15 +159,21 @@ class RichReporter(Reporter):
         self._t0 = time.perf_counter()
 
     def advance(self, completed: int, **fields: float | int | str) -> None:
+        if self._plain is not None:
+            self._plain.advance(completed, **fields)
         if self._progress is None:
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
         self._progress.update(self._task, completed=completed, info=info)
 
     def message(self, text: str) -> None:
-        (self._progress.console if self._progress is not None else self.console).print(text, highlight=False)
+        (self._progress.console if self._progress is not None else self.console).print(
+            text, highlight=False, soft_wrap=True
+        )
 
     def stop(self) -> None:
+        if self._plain is not None:
+            self._plain.stop()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -7,37 +7,55 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
+from tokkit.cli import checks
 from tokkit.cli.common import (
     BatchSizeOpt,
     CheckpointArg,
     DeviceOpt,
+    JsonOpt,
     NprocOpt,
+    QuietOpt,
     RichReporter,
     WorkersOpt,
-    console,
+    cap_workers,
     handle_errors,
+    library_default,
 )
+from tokkit.cli.output import emit_facts, emit_json
 
 
 @handle_errors
 def encode(
     checkpoint: CheckpointArg,
     data: Annotated[
-        str, typer.Argument(help="Image folder, .zip, .txt list of paths, .npy/.npz uint8 array, or 'sample'.")
+        str,
+        typer.Argument(
+            callback=checks.data_option,
+            help="Image folder, .zip, .txt list of paths, .npy/.npz uint8 array, or 'sample'.",
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Shard set folder (resumed when it holds the same plan).")],
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Inputs per shard (>= 1).")] = 10000,
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = 4,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", callback=checks.out_option, help="Shard set folder (resumed when it holds the same plan)."
+        ),
+    ],
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Inputs per shard.")] = 10000,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     views: Annotated[
-        str, typer.Option("--views", help="none, flip (2 views) or tencrop (10 views), stored as a views axis.")
+        str,
+        typer.Option(
+            "--views",
+            callback=checks.views_option,
+            help="none, flip (2 views) or tencrop (10 views), stored as a views axis.",
+        ),
     ] = "none",
     device: DeviceOpt = "auto",
     max_errors: Annotated[
         float,
-        typer.Option("--max-errors", help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."),
+        typer.Option("--max-errors", min=0.0, help="Unreadable inputs tolerated: a fraction (< 1) or a count (>= 1)."),
     ] = 0.01,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on the first unreadable input.")] = False,
     overwrite: Annotated[
@@ -50,7 +68,8 @@ def encode(
         ),
     ] = False,
     nproc_per_node: NprocOpt = 1,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Encode every image of DATA into token shards under --out (resume: run the same command again).
 
@@ -62,25 +81,32 @@ def encode(
     if nproc_per_node > 1:
         args = [
             "encode", str(checkpoint), str(data), "--out", str(out), "--shard-size", str(shard_size),
-            "--batch-size", str(batch_size), "--workers", str(workers), "--views", views, "--device", device,
+            *(["--batch-size", str(batch_size)] if batch_size else []),
+            *(["--workers", str(workers)] if workers is not None else []), "--views", views, "--device", device,
             "--max-errors", repr(max_errors), *(["--strict"] if strict else []),
             *(["--overwrite"] if overwrite else []), *(["--repair"] if repair else []), *(["--quiet"] if quiet else []),
+            *(["--json"] if json_out else []),
         ]  # fmt: skip
         raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     result = encode_dataset(
-        checkpoint, data, out, shard_size=shard_size, batch_size=batch_size, workers=workers, views=views,
+        checkpoint, data, out, shard_size=shard_size,
+        batch_size=batch_size or library_default(encode_dataset, "batch_size"),
+        workers=cap_workers(library_default(encode_dataset, "workers") if workers is None else workers), views=views,
         device=device, max_errors=max_errors, strict=strict, overwrite=overwrite, repair=repair,
         reporter=RichReporter(enabled=main and not quiet),
     )  # fmt: skip
     if not main:
         return
-    table = Table(title=f"tokkit encode -> {result.out}", show_header=False)
-    table.add_row("images", f"{result.images}")
+    if json_out:
+        emit_json(result)
+        return
     repaired = f", {result.repaired} re-encoded after failing their check" if result.repaired else ""
-    table.add_row("shards", f"{result.shards[0]}/{result.shards[1]} committed ({result.resumed} resumed{repaired})")
-    table.add_row("skipped", f"{result.skipped} unreadable (errors.jsonl)")
-    table.add_row("upscaled", f"{result.upscaled} smaller than the resolution")
-    table.add_row("time", f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s this run)")
-    table.add_row("complete", "yes" if result.complete else "no")
-    console.print(table)
+    emit_facts(f"tokkit encode -> {result.out}", [
+        ("images", f"{result.images}"),
+        ("shards", f"{result.shards[0]}/{result.shards[1]} committed ({result.resumed} resumed{repaired})"),
+        ("skipped", f"{result.skipped} unreadable (errors.jsonl)"),
+        ("upscaled", f"{result.upscaled} smaller than the resolution"),
+        ("time", f"{result.seconds:.1f} s ({result.images_per_second:.1f} img/s this run)"),
+        ("complete", "yes" if result.complete else "no"),
+    ])  # fmt: skip

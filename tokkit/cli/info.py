@@ -7,27 +7,38 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from tokkit.cli.common import console, fail, handle_errors
+from tokkit.cli import checks
+from tokkit.cli.common import JsonOpt, fail, handle_errors
+from tokkit.cli.output import emit_facts, emit_json
 from tokkit.errors import TokkitError
 
 
 @handle_errors
-def info(path: Annotated[Path, typer.Argument(help="A checkpoint folder (or run folder) or a shard set folder.")]):
+def info(
+    path: Annotated[Path, typer.Argument(help="A checkpoint folder (or run folder) or a shard set folder.")],
+    json_out: JsonOpt = False,
+) -> None:
     """Describe a checkpoint (config, codebook, token grid, size) or a shard set (counts, dtype, sizes)."""
-    from tokkit.shards import MANIFEST, describe
+    if (path / "manifest.json").is_file() or path.name == "manifest.json":
+        from tokkit.shards import describe
 
-    if (path / MANIFEST).is_file() or path.name == MANIFEST:
         root = path if path.is_dir() else path.parent
         facts = describe(root)
         problems = facts.pop("problems")
-        _render("shard set", facts)
+        if json_out:
+            emit_json({"kind": "shard set", **facts, "problems": problems})
+        else:
+            _render("shard set", facts)
         if problems:
             raise fail(f"{root}: {problems[0]}; run tokkit verify {root}", 1)
     else:
+        checks.checkpoint(path)  # before torch loads
         facts = describe_checkpoint(path)
-        _render("checkpoint", facts)
+        if json_out:
+            emit_json({"kind": "checkpoint", **facts})
+        else:
+            _render("checkpoint", facts)
         if not facts["weights_match"]:
             msg = "model.safetensors does not match the sha256 in config.json (corrupt or replaced)"
             raise fail(f"{facts['path']}: {msg}", 1)
@@ -65,18 +76,15 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _render(kind: str, facts: dict[str, Any]) -> None:
-    table = Table(title=f"{kind}: {facts.get('path')}", show_header=False)
+    rows = []
     for k, v in facts.items():
         if k == "path":
             continue
         if isinstance(v, dict) and k != "config":  # one row per field of a nested section
-            for sub, sv in v.items():
-                if sub == "config":
-                    continue
-                table.add_row(f"{k}.{sub}", _text(sub, sv))
+            rows += [(f"{k}.{sub}", _text(sub, sv)) for sub, sv in v.items() if sub != "config"]
             continue
-        table.add_row(k, _text(k, v))
-    console.print(table)
+        rows.append((k, _text(k, v)))
+    emit_facts(f"{kind}: {facts.get('path')}", rows)
 
 
 def _text(key: str, v: Any) -> str:

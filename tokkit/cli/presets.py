@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from rich.table import Table
+from tokkit.cli.common import JsonOpt, handle_errors
+from tokkit.cli.output import emit_json, emit_table
 
-from tokkit.cli.common import console, handle_errors
+HEADERS = ["name", "px", "tokens", "quantizer", "codes", "bits", "autoencoder", "steps x batch", "description"]
 
 
 @handle_errors
-def presets() -> None:
+def presets(json_out: JsonOpt = False) -> None:
     """List the training presets (use one with `tokkit train --preset NAME`)."""
+    import dataclasses
+
     from tokkit.config import DEFAULT_PRESET, get_preset, list_presets
     from tokkit.models.tokenizer import quantizer_from_config
 
-    table = Table(title="tokkit presets  (* default; tokkit train --preset NAME --set field=value)")
-    table.add_column("name", no_wrap=True)
-    for col in ("px", "tokens", "quantizer", "codes", "bits", "autoencoder", "steps x batch"):
-        table.add_column(col, justify="right" if col in ("px", "codes", "bits") else "left")
-    table.add_column("description", overflow="fold")
+    rows, found = [], {}
     for name in list_presets():
         p = get_preset(name)
         t, tr = p.tokenizer, p.train
@@ -25,8 +24,17 @@ def presets() -> None:
         h, w = t.token_grid
         mult = ",".join(map(str, t.channel_mult))
         ae = f"{t.base_channels}x({mult}) r{t.num_res_blocks}" + (" +attn" if t.attention else "")
-        table.add_row(
+        rows.append([
             name + (" *" if name == DEFAULT_PRESET else ""), str(t.resolution), f"{h}x{w}", t.quantizer,
             str(q.codebook_size), f"{q.bits_per_token:.1f}", ae, f"{tr.steps}x{tr.batch_size}", p.description,
-        )  # fmt: skip
-    console.print(table)
+        ])  # fmt: skip
+        found[name] = {
+            "default": name == DEFAULT_PRESET, "description": p.description, "codebook_size": int(q.codebook_size),
+            "bits_per_token": float(q.bits_per_token), "tokenizer": dataclasses.asdict(t),
+            "train": dataclasses.asdict(tr),
+        }  # fmt: skip
+    if json_out:
+        emit_json({"default": DEFAULT_PRESET, "presets": found})
+        return
+    title = "tokkit presets  (* default; tokkit train --preset NAME --set field=value)"
+    emit_table(title, HEADERS, rows, right_from=99, wrap_last=True)

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from tokkit.cli.common import DeviceOpt, NprocOpt, RichReporter, WeightsDirOpt, console, handle_errors
+from tokkit.cli import checks
+from tokkit.cli.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    JsonOpt,
+    NprocOpt,
+    QuietOpt,
+    RichReporter,
+    WeightsDirOpt,
+    WorkersOpt,
+    cap_workers,
+    handle_errors,
+)
+from tokkit.cli.output import emit_facts, emit_json
 
 
 @handle_errors
@@ -20,16 +33,20 @@ def train(
     data: Annotated[
         str | None,
         typer.Option(
-            "--data", "-d",
+            "--data",
+            "-d",
+            callback=checks.data_option,
             help="Image folder, .zip, .txt list, .npy/.npz uint8 array, or 'sample' (the default; with --resume: the "
             "run's own data).",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder; default runs/<preset>.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (overrides the preset).")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", callback=checks.out_option, help="Run folder; default runs/<preset>."),
     ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (overrides the preset).")] = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = None,
     device: DeviceOpt = "auto",
     resume: Annotated[
@@ -50,32 +67,54 @@ def train(
     ] = None,
     weights_dir: WeightsDirOpt = None,
     eval_data: Annotated[
-        str | None, typer.Option("--eval-data", help="Separate images for the held-out batch (default: from --data).")
+        str | None,
+        typer.Option(
+            "--eval-data",
+            callback=checks.data_option,
+            help="Separate images for the held-out batch (default: from --data).",
+        ),
     ] = None,
     new_data: Annotated[
         bool, typer.Option("--new-data", help="With --resume: switch to other --data / --eval-data (kept in run.json).")
     ] = False,
     nproc_per_node: NprocOpt = 1,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Train a tokenizer; leaves runs/<name>/ with checkpoint/, metrics.jsonl and reconstruction grids."""
-    from tokkit import distributed as tdist
-    from tokkit.config import DEFAULT_PRESET, apply_overrides, get_preset
+    """Train a tokenizer; leaves runs/<name>/ with checkpoint/, metrics.jsonl and reconstruction grids.
+
+    -j/--workers sets train.num_workers (default: the preset's), capped at the CPU cores - 1 per process.
+    """
+    from tokkit.config import DEFAULT_PRESET, TrainConfig, apply_overrides
     from tokkit.errors import ConfigError
-    from tokkit.train import read_run_config
-    from tokkit.train import train as run_training
 
     name = preset or DEFAULT_PRESET
     out = out or Path("runs") / name
+    if perceptual is not None and perceptual not in ("auto", "lpips", "none"):
+        raise ConfigError(f"--perceptual must be auto, lpips or none, got {perceptual!r}")
+    sets = list(overrides or [])
+    for field, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("perceptual", perceptual),
+                         ("num_workers", workers)):  # fmt: skip
+        if value is not None:
+            sets.append(f"train.{field}={value}")
+    # the train section is checked alone first: it needs no torch (the tokenizer section builds a quantizer)
+    apply_overrides({"train": TrainConfig()}, [s for s in sets if s.startswith("train.")])
+
+    from tokkit import distributed as tdist
+    from tokkit.config import get_preset
+    from tokkit.train import read_run_config
+    from tokkit.train import train as run_training
+
     if nproc_per_node > 1:
         args = ["train", "--preset", name, "--out", str(out), "--device", device]
         for flag, value in (("--data", data), ("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
-                            ("--perceptual", perceptual), ("--weights-dir", weights_dir), ("--eval-data", eval_data)):
+                            ("--perceptual", perceptual), ("--weights-dir", weights_dir), ("--eval-data", eval_data),
+                            ("--workers", workers)):  # fmt: skip
             if value is not None:
                 args += [flag, str(value)]
         for item in overrides or []:
             args += ["--set", item]
-        for flag, on in (("--resume", resume), ("--new-data", new_data), ("--quiet", quiet)):
+        for flag, on in (("--resume", resume), ("--new-data", new_data), ("--quiet", quiet), ("--json", json_out)):
             args += [flag] if on else []
         raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
 
@@ -84,13 +123,10 @@ def train(
     else:
         chosen = get_preset(name)
         tok_cfg, train_cfg = chosen.tokenizer, chosen.train
-    sets = list(overrides or [])
-    for field, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("perceptual", perceptual)):
-        if value is not None:
-            sets.append(f"train.{field}={value}")
     cfgs = apply_overrides({"tokenizer": tok_cfg, "train": train_cfg}, sets)
-    if perceptual is not None and perceptual not in ("auto", "lpips", "none"):
-        raise ConfigError(f"--perceptual must be auto, lpips or none, got {perceptual!r}")
+    capped = cap_workers(cfgs["train"].num_workers)
+    if capped != cfgs["train"].num_workers:
+        cfgs["train"] = dataclasses.replace(cfgs["train"], num_workers=capped)
 
     main = int(os.environ.get("RANK", "0")) == 0
     result = run_training(
@@ -100,17 +136,21 @@ def train(
     )  # fmt: skip
     if not main:
         return
+    if json_out:
+        emit_json(result)
+        return
     m = result.metrics
-    table = Table(title=f"tokkit train -> {result.out_dir}", show_header=False)
-    table.add_row("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))")
-    table.add_row("data", result.data)
-    table.add_row("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else ""))
+    rows = [
+        ("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))"),
+        ("data", result.data),
+        ("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")),
+    ]
     if m:
-        table.add_row("held-out PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.3f}")
-        table.add_row("codebook usage", f"{m['usage']:.1%} (perplexity {m['perplexity']:.0f})")
-    table.add_row("speed", f"{result.images_per_second:.1f} img/s, {result.seconds:.0f} s")
-    table.add_row("perceptual loss", "LPIPS" if result.perceptual else "off")
+        rows.append(("held-out PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.3f}"))
+        rows.append(("codebook usage", f"{m['usage']:.1%} (perplexity {m['perplexity']:.0f})"))
+    rows.append(("speed", f"{result.images_per_second:.1f} img/s, {result.seconds:.0f} s"))
+    rows.append(("perceptual loss", "LPIPS" if result.perceptual else "off"))
     if result.bad_images:
-        table.add_row("skipped", f"{result.bad_images} unreadable images")
-    table.add_row("logs", f"{result.metrics_file}, {result.out_dir / 'grids'}/")
-    console.print(table)
+        rows.append(("skipped", f"{result.bad_images} unreadable images"))
+    rows.append(("logs", f"{result.metrics_file}, {result.out_dir / 'grids'}/"))
+    emit_facts(f"tokkit train -> {result.out_dir}", rows)
