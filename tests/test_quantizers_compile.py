@@ -131,3 +131,24 @@ def test_needs_kmeans_follows_the_loaded_state():
     done.initialized.fill_(False)
     q.load_state_dict(done.state_dict())
     assert q._needs_kmeans
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("k, chunk", [(16, 1), (1024, 5000), (1024, None), (300, 7000)])
+def test_fused_search_path_matches_brute_force(cosine, k, chunk):
+    """The accelerator / compiled search (plain addmm + argmax chunks), exercised on CPU through torch.compile."""
+    from tokkit.quantizers.vq import nearest_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(k)
+    z, table = torch.randn(50, 8), torch.randn(k, 8)
+    if cosine:
+        z, table = torch.nn.functional.normalize(z, dim=-1), torch.nn.functional.normalize(table, dim=-1)
+        expected = (z @ table.t()).argmax(1)
+    else:
+        expected = torch.cdist(z.double(), table.double()).argmin(1)
+    search = torch.compile(nearest_code, fullgraph=True, backend="eager")
+    assert torch.equal(search(z, table, cosine, chunk), expected)
+    tie = torch.zeros(512, 2)
+    tie[[7, 300, 511]] = torch.tensor([1.0, 0.0])
+    assert search(torch.tensor([[1.0, 0.0]]), tie, cosine, chunk).item() == 7  # ties go to the lowest index
