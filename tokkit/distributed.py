@@ -109,6 +109,37 @@ def barrier() -> None:
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# tensor collectives: no-ops in a single process (the quantizers' EMA codebooks, k-means, entropy averages use them)
+
+
+def dist_ready() -> bool:
+    """True when torch.distributed is initialized with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op single-process); returns ``t``."""
+    if dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (no-op single-process); returns ``t``."""
+    if dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src`` (no-op single-process); returns ``t``."""
+    if dist_ready():
+        dist.broadcast(t, src=src)
+    return t
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """``obj`` from rank ``src`` on every rank (identity single-process)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -316,10 +347,14 @@ def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], dev
 
 __all__ = [
     "DistInfo",
+    "all_reduce_mean_",
+    "all_reduce_sum_",
     "barrier",
+    "broadcast_",
     "broadcast_object",
     "check_gpus_for",
     "cleanup",
+    "dist_ready",
     "free_port",
     "get_rank",
     "get_world_size",

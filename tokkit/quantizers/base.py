@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tokkit.distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, dist_ready  # noqa: F401 (re-exported)
 from tokkit.errors import ConfigError
 
 
@@ -158,37 +159,6 @@ class Quantizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# torch.distributed helpers: no-ops in a single process
-
-
-def dist_ready() -> bool:
-    """True when torch.distributed is initialized with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum_(t: Tensor) -> Tensor:
-    """In-place sum over ranks (no-op single-process); returns ``t``."""
-    if dist_ready():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_mean_(t: Tensor) -> Tensor:
-    """In-place mean over ranks (no-op single-process); returns ``t``."""
-    if dist_ready():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t.div_(dist.get_world_size())
-    return t
-
-
-def broadcast_(t: Tensor, src: int = 0) -> Tensor:
-    """In-place broadcast from ``src`` (no-op single-process); returns ``t``."""
-    if dist_ready():
-        dist.broadcast(t, src=src)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # statistics
 
 
@@ -206,19 +176,20 @@ def batch_usage_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
     """Perplexity and used fraction of one batch of indices (any shape).
 
     Cheap: a dense count when K is small next to the batch, a sort otherwise (never allocates a large K); the entropy
-    is ``log N - mean over tokens of log count(token)``, so no K-sized transcendental is evaluated.
+    is ``log N - mean over tokens of log count(token)``, so no K-sized transcendental is evaluated. Static shapes and
+    no host sync (no ``bincount`` / ``unique``), so that it runs inside a ``torch.compile`` graph without a break.
     """
     flat = indices.detach().reshape(-1)
     n = flat.numel()
     if codebook_size <= max(4 * n, 2**16):  # a dense count is cheaper than a sort here
-        counts = torch.bincount(flat, minlength=codebook_size)
+        counts = flat.new_zeros(codebook_size).index_add_(0, flat, torch.ones_like(flat))  # (K,)
         used = counts.count_nonzero()
-        ent = math.log(n) - counts[flat].float().log().mean()
+        per_token = counts[flat]  # (N,) count of each token's code
     else:
-        _, counts = torch.unique(flat, return_counts=True)
-        used = torch.tensor(counts.numel())
-        p = counts.double() / n
-        ent = -(p * p.log()).sum()
+        s = flat.sort().values  # (N,)
+        per_token = torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)  # (N,) run length of each code
+        used = (s[1:] != s[:-1]).sum() + 1
+    ent = math.log(n) - per_token.float().log().mean()
     return {"perplexity": ent.exp().float(), "batch_usage": used.float() / codebook_size}
 
 

@@ -29,15 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokkit.distributed import all_reduce_mean_, dist_ready
 from tokkit.errors import ConfigError
-from tokkit.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    all_reduce_mean_,
-    batch_usage_stats,
-    dist_ready,
-    register_quantizer,
-)
+from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
 
 # ----------------------------------------------------------------------------------------------------------------------
 # bit <-> index helpers (channel / bit 0 is the most significant bit)
@@ -227,10 +221,14 @@ class LFQ(Quantizer):
 
     def entropy_multiplier(self) -> float:
         """Current warm-up multiplier of the entropy loss (decays linearly to 1)."""
+        return float(self._entropy_multiplier())
+
+    def _entropy_multiplier(self) -> Tensor | float:
+        """The warm-up multiplier as a device scalar (no host sync in ``forward``); 1.0 without a warm-up."""
         if self.entropy_warmup_steps <= 0:
             return 1.0
-        frac = max(0.0, 1.0 - int(self.step) / self.entropy_warmup_steps)
-        return 1.0 + (self.entropy_warmup_multiplier - 1.0) * frac
+        frac = (1.0 - self.step.double() / self.entropy_warmup_steps).clamp_min(0.0)
+        return (1.0 + (self.entropy_warmup_multiplier - 1.0) * frac).float()
 
     def _project_out(self, codes: Tensor) -> Tensor:
         """(B, *S, bits) -> (B, D, *S); one code path for ``quantize`` and ``indices_to_codes``."""
@@ -255,7 +253,7 @@ class LFQ(Quantizer):
         if self.entropy_weight > 0:
             logits = flat * (4 * self.scale / self.temperature)  # (N, bits): P(bit = +1) = sigmoid(logits)
             per_sample, codebook = lfq_entropies(logits, self.group_bits, distributed=self.training)
-            loss = loss + self.entropy_weight * self.entropy_multiplier() * (per_sample - self.gamma * codebook)
+            loss = loss + self.entropy_weight * self._entropy_multiplier() * (per_sample - self.gamma * codebook)
             stats["per_sample_entropy"] = per_sample
             stats["codebook_entropy"] = codebook
         if self.commitment_weight > 0:

@@ -18,15 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokkit.distributed import all_reduce_sum_, broadcast_
 from tokkit.errors import ConfigError
-from tokkit.quantizers.base import (
-    Quantizer,
-    QuantizerOutput,
-    all_reduce_sum_,
-    batch_usage_stats,
-    broadcast_,
-    register_quantizer,
-)
+from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
 
 _BLOCK = 128  # codes per block of the two-level argmax
 
@@ -35,28 +29,40 @@ _BLOCK = 128  # codes per block of the two-level argmax
 def nearest_code(z: Tensor, table: Tensor, cosine: bool, chunk: int | None = None) -> Tensor:
     """Index of the nearest row of ``table`` for every row of ``z``, in bounded memory.
 
-    Scores are computed for ``chunk // K`` rows at a time into one reused buffer. The argmax is two-level when K is a
-    multiple of 128 (the best block by a vectorized ``amax``, then the best code inside it): the same answer as
-    ``argmax``, several times faster on CPU.
+    Scores are computed for ``chunk // K`` rows at a time. When every score fits one chunk on an accelerator, or inside
+    a ``torch.compile`` graph, the search is one ``addmm`` and one ``argmax`` (the fastest there, and fusable). On CPU
+    (eager) the scores go into one reused cache-sized buffer and the argmax is two-level when K is a multiple of 128
+    (the best block by a vectorized ``amax``, then the best code inside it): the same answer as ``argmax``, several
+    times faster there.
 
     Args:
         z: (N, d) float vectors (unit-norm when ``cosine``).
         table: (K, d) codes (unit-norm when ``cosine``).
         cosine: largest dot product instead of smallest euclidean distance.
         chunk: most scores materialized at once (rows per chunk = chunk // K, at least 1); default 2^18 on CPU
-            (cache-sized) and 2^26 on accelerators.
+            (cache-sized) and 2^26 on accelerators and under ``torch.compile``.
 
     Returns:
         (N,) int64; ties go to the lowest index.
     """
     n, k = z.shape[0], table.shape[0]
+    compiling = torch.compiler.is_compiling()
+    cpu_eager = z.device.type == "cpu" and not compiling
     if chunk is None:
-        chunk = 2**18 if z.device.type == "cpu" else 2**26
+        chunk = 2**18 if cpu_eager else 2**26
     rows = max(1, min(n, chunk // k))
-    out = torch.empty(n, dtype=torch.int64, device=z.device)
-    table_t = table.t().contiguous()  # (d, K)
     # argmin |z - e|^2 = argmax (2 z.e - |e|^2); |z|^2 is constant per row
     neg_sq = None if cosine else -(table * table).sum(1)  # (K,)
+    if not cpu_eager:  # plain chunks of one addmm + argmax each; a single chunk when N * K <= chunk
+        table_t = table.t()  # (d, K)
+        parts = []
+        for start in range(0, n, rows):
+            zc = z[start : start + rows]  # (r, d)
+            scores = zc @ table_t if cosine else torch.addmm(neg_sq, zc, table_t, alpha=2.0)  # (r, K)
+            parts.append(scores.argmax(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    table_t = table.t().contiguous()  # (d, K)
     blocks = k // _BLOCK if k % _BLOCK == 0 and k >= 2 * _BLOCK else 0
     scores_buf = z.new_empty(rows, k)
     if blocks:
@@ -188,6 +194,9 @@ class VQ(Quantizer):
         # EMA usage per code (both modes: it drives dead-code restart and the stats)
         self.register_buffer("cluster_size", torch.ones(self.codebook_size))
         self.register_buffer("initialized", torch.tensor(not self.kmeans_init))
+        # Python mirror of ``not initialized``: the training hot path reads this, never the buffer (no host sync, no
+        # data-dependent branch under torch.compile); refreshed after each k-means attempt and on load_state_dict
+        self._needs_kmeans = self.kmeans_init
         self.project_in: nn.Module = nn.Linear(head_dim, codebook_dim) if head_dim != codebook_dim else nn.Identity()
         self.project_out: nn.Module = nn.Linear(codebook_dim, head_dim) if head_dim != codebook_dim else nn.Identity()
 
@@ -196,6 +205,11 @@ class VQ(Quantizer):
             f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
             f"cosine={self.cosine}, ema={self.ema}, groups={self.num_groups}, rotation_trick={self.rotation_trick}"
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.initialized.device.type != "meta":
+            self._needs_kmeans = not bool(self.initialized)
 
     def table(self) -> Tensor:
         """(K, codebook_dim) the codes actually looked up (unit-norm when ``cosine``)."""
@@ -214,13 +228,15 @@ class VQ(Quantizer):
     def _counts_and_sums(self, z: Tensor, idx: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
         """(N, d), (N,), (N,) bool -> per-code counts (K,) and sums (K, d) of the ``ok`` rows, summed over ranks.
 
-        Rows that are not ``ok`` (non-finite: a diverging run) are left out by masking, without a host sync.
+        Rows that are not ``ok`` (non-finite: a diverging run) are left out by masking, without a host sync (static
+        shapes: ``index_add_`` rather than ``bincount``, which syncs on CUDA to size its output).
         """
         k = self.codebook_size
-        counts = torch.bincount(torch.where(ok, idx, k), minlength=k + 1)[:k].to(z.dtype)  # bin K: left-out rows
+        counts = z.new_zeros(k).index_add_(0, idx, ok.to(z.dtype))  # (K,) a left-out row adds 0
         sums = z.new_zeros(k, z.shape[1]).index_add_(0, idx, torch.where(ok.unsqueeze(1), z, 0.0))
         return all_reduce_sum_(counts), all_reduce_sum_(sums)
 
+    @torch.compiler.disable  # a one-time eager path (at most one graph break, on the first training step)
     @torch.no_grad()
     def _kmeans(self, z: Tensor, ok: Tensor) -> None:
         """Initialise the codebook by k-means on the finite rows of ``z`` (N, d) (every rank's rows).
@@ -248,6 +264,7 @@ class VQ(Quantizer):
             self.embed_avg.copy_(centroids)
         self.cluster_size.fill_(1.0)
         self.initialized.copy_(counts.sum() > 0)  # summed over ranks, so every rank agrees
+        self._needs_kmeans = not bool(self.initialized)  # the one host sync, once per k-means attempt
 
     @torch.no_grad()
     def _ema_update(self, z: Tensor, idx: Tensor, ok: Tensor) -> None:
@@ -268,25 +285,28 @@ class VQ(Quantizer):
 
         Rows are drawn without replacement (duplicate codes would tie exactly, leaving the winner to float rounding),
         so at most one code per finite row is restarted per step, the least used dead codes first; the others stay
-        dead and are restarted by the next batches.
+        dead and are restarted by the next batches. Fixed shapes and masks, no host sync: every step draws
+        ``min(K, N)`` candidate rows and restarts those of them that land on a dead code.
         """
-        dead = self.cluster_size < self.dead_code_threshold  # identical on every rank
-        n_dead, n_ok = torch.stack([dead.sum(), ok.sum()]).tolist()  # one host sync
-        if n_dead == 0:
-            return
-        take = min(n_dead, n_ok)
-        rows = ok.nonzero().squeeze(1)[torch.randperm(n_ok, device=z.device)[:take]]  # distinct finite rows
-        # (n_dead, d + 1): the drawn rows, then a 1 marking them; every rank broadcasts the same shape, whatever its N
-        packed = z.new_zeros(n_dead, z.shape[1] + 1)
-        packed[:take, :-1] = z[rows]
-        packed[:take, -1] = 1.0
-        broadcast_(packed)
-        fresh = packed[packed[:, -1] > 0, :-1]  # rank 0's rows: (take_0, d)
-        codes = self.cluster_size.argsort(stable=True)[: fresh.shape[0]]  # least used first; dead, same on every rank
-        self.codebook.data[codes] = fresh
-        self.cluster_size[codes] = self.dead_code_threshold
+        k, n, d = self.codebook_size, z.shape[0], z.shape[1]
+        m = min(k, n)
+        thr = self.dead_code_threshold
+        dead = self.cluster_size < thr  # (K,) identical on every rank
+        perm = torch.randperm(n, device=z.device)  # (N,) random rows (the same draw as before when all are finite)
+        perm = perm[torch.argsort((~ok[perm]).to(torch.int32), stable=True)[:m]]  # (m,) distinct, finite ones first
+        # (K, d + 1): candidate row j, then a 1 when it is finite; every rank broadcasts the same shape, whatever its N
+        packed = z.new_zeros(k, d + 1)
+        packed[:m, :-1] = z[perm]
+        packed[:m, -1] = (torch.arange(m, device=z.device) < ok.sum()).to(z.dtype)
+        broadcast_(packed)  # rank 0's candidates
+        codes = self.cluster_size.argsort(stable=True)  # (K,) least used first, so the dead codes lead; same everywhere
+        slot_ok = (packed[:, -1] > 0) & dead[codes]  # (K,) slot j restarts code codes[j] from candidate j
+        hit = torch.zeros_like(dead).scatter_(0, codes, slot_ok)  # (K,) per code
+        fresh = torch.empty_like(packed[:, :-1]).index_copy_(0, codes, packed[:, :-1])  # (K, d) per code
+        self.codebook.data.copy_(torch.where(hit.unsqueeze(1), fresh, self.codebook.data))
+        self.cluster_size.copy_(torch.where(hit, thr, self.cluster_size))
         if self.ema:
-            self.embed_avg[codes] = fresh * self.dead_code_threshold
+            self.embed_avg.copy_(torch.where(hit.unsqueeze(1), fresh * thr, self.embed_avg))
 
     # -- contract ------------------------------------------------------------------------------------------------------
 
@@ -299,7 +319,7 @@ class VQ(Quantizer):
             z = F.normalize(z, dim=-1)
 
         ok = torch.isfinite(z.detach()).all(1) if self.training else None  # (N*G,) rows the statistics may use
-        if ok is not None and not bool(self.initialized):
+        if ok is not None and self._needs_kmeans:
             self._kmeans(z.detach(), ok)
         table = self.table()
         idx = nearest_code(z.detach(), table.detach(), self.cosine, self.search_chunk)  # (N*G,)
