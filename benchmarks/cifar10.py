@@ -153,26 +153,33 @@ def evaluate(model, images: np.ndarray, fd_net, fd_real: np.ndarray, batch: int 
     }, rec_u8
 
 
-def interleaved_throughput(cfgs: dict[str, tuple], batch_size: int, rounds: int = 6, steps: int = 3) -> dict:
+def interleaved_throughput(cfgs: dict[str, tuple], batch_size: int, rounds: int = 6, steps: int = 3,
+                           device: str = "auto") -> dict:
     """Training-step images/s of every row, measured round-robin so that machine load hits every row alike.
 
-    One step is what the training loop does per batch: forward, reconstruction + quantizer loss, backward, AdamW.
-    The median over ``rounds`` of ``steps`` timed steps (after one warm-up step) is reported.
+    One step is what the training loop does per batch: forward, reconstruction + quantizer loss, backward, AdamW, on
+    ``device`` (bf16 autocast on CUDA, as ``tokkit train``). The median over ``rounds`` of ``steps`` timed steps
+    (after one warm-up step) is reported; on CUDA each window is bracketed by a synchronize, so it times the GPU's
+    work and not the queueing of kernels.
     """
     from tokkit.models.tokenizer import Tokenizer
 
-    x = torch.rand(batch_size, 3, *([next(iter(cfgs.values()))[0].resolution] * 2)) * 2 - 1
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
+                       else device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x = torch.rand(batch_size, 3, *([next(iter(cfgs.values()))[0].resolution] * 2), device=dev) * 2 - 1
     models = {}
     for row, (tok_cfg, _) in cfgs.items():
         torch.manual_seed(0)
-        m = Tokenizer(tok_cfg).train()
-        models[row] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4))
+        m = Tokenizer(tok_cfg).to(dev).train()
+        models[row] = (m, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=dev.type == "cuda"))
     times: dict[str, list[float]] = {row: [] for row in cfgs}
 
     def step(row: str) -> None:
         m, opt = models[row]
-        rec, q = m(x)
-        loss = (rec - x).abs().mean() + q.loss
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            rec, q = m(x)
+            loss = (rec.float() - x).abs().mean() + q.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,9 +188,11 @@ def interleaved_throughput(cfgs: dict[str, tuple], batch_size: int, rounds: int 
         step(row)  # warm-up (k-means init, allocator)
     for _ in range(rounds):
         for row in cfgs:
+            sync()  # the previous row's queued kernels are not this row's time
             t0 = time.perf_counter()
             for _ in range(steps):
                 step(row)
+            sync()
             times[row].append(steps * batch_size / (time.perf_counter() - t0))
     return {row: statistics.median(v) for row, v in times.items()}
 
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     batch = next(iter(cfgs.values()))[1].batch_size
-    for row, ips in interleaved_throughput(cfgs, batch).items():
+    for row, ips in interleaved_throughput(cfgs, batch, device=args.device).items():
         results[row]["step_img_per_s"] = ips
     (out / "results.json").write_text(
         json.dumps(

@@ -65,9 +65,11 @@ BAD = {
         "eval_every": [-1],
         "checkpoint_every": [-1],
         "eval_images": [0, -1],
-        "num_workers": [-1],
+        "num_workers": [-2],
         "amp": ["fp16", "", None],
         "cpu_threads": [-1],
+        "compile": ["yes", "", True],
+        "grad_checkpointing": ["yes", 1],
     },
 }
 CLASSES = {"tokenizer": TokenizerConfig, "train": TrainConfig}
@@ -105,7 +107,8 @@ def test_bad_value_is_refused_naming_the_field(section, field, value):
     [
         ("train", {"grad_clip": 0.0, "ema_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0, "eval_every": 0,
                    "checkpoint_every": 0, "disc_layers": 0, "beta1": 0.0, "lecam_decay": 0.0, "cpu_threads": 0,
-                   "seed": 2**32 - 1, "lr": 1e30, "disc_lr": 0.0, "perceptual_weight": 0.0, "eval_images": 1}),
+                   "num_workers": -1, "seed": 2**32 - 1, "lr": 1e30, "disc_lr": 0.0, "perceptual_weight": 0.0,
+                   "eval_images": 1, "compile": "off", "grad_checkpointing": True}),
         ("train", {"recon_weight": 0.0, "perceptual": "lpips", "perceptual_weight": 1.0}),  # perceptual-only is fine
         ("train", {"warmup_steps": 500, "steps": 10}),  # a short smoke run of a preset keeps its warm-up
         ("tokenizer", {"num_res_blocks": 0, "channel_mult": [1], "resolution": 7, "z_channels": 5}),

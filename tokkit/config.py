@@ -113,8 +113,13 @@ class TrainConfig:
         eval_every: steps between held-out evaluations (PSNR, SSIM, usage, PNG grid); 0 = only at the end.
         checkpoint_every: steps between checkpoints (+ train state); 0 = only at the end.
         eval_images: held-out images used for evaluation.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; -1 = auto: ``min(8, cores per process - 1)`` on CUDA, 0 on the CPU (where the
+            workers would take cores from the step).
         amp: ``auto`` (bf16 autocast on CUDA, off on CPU), ``bf16`` or ``none``.
+        compile: ``torch.compile`` the tokenizer (and discriminator) for the step: ``auto`` (on CUDA only), ``on`` or
+            ``off``. The first step then takes the compile time (shown in the progress output).
+        grad_checkpointing: recompute each residual / attention block's activations in backward instead of keeping
+            them (less memory, about a third more compute).
         cpu_threads: torch intra-op threads when training on the CPU (0 = torch's default). One thread per process
             is immune to oversubscription on a shared machine and gives the same bits everywhere.
     """
@@ -148,9 +153,11 @@ class TrainConfig:
     eval_every: int = 200
     checkpoint_every: int = 200
     eval_images: int = 16
-    num_workers: int = 0
+    num_workers: int = -1
     amp: str = "auto"
     cpu_threads: int = 0
+    compile: str = "auto"
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "train", _TRAIN_RULES)
@@ -214,7 +221,7 @@ def _build_presets() -> dict[str, Preset]:
                   "weight_decay": 1e-4, "beta1": 0.9, "beta2": 0.999, "perceptual_weight": 0.1,
                   "disc_weight": 0.1, "disc_start": 20000, "disc_adaptive": True, "disc_lr": 1e-4,
                   "disc_channels": 128, "lecam_weight": 0.001, "eval_every": 5000, "checkpoint_every": 5000,
-                  "eval_images": 32, "num_workers": 8, "ema_decay": 0.999, "log_every": 50}
+                  "eval_images": 32, "ema_decay": 0.999, "log_every": 50}
     kinds = {  # preset prefix -> (description, autoencoder, training, which quantizer size of _FAMILIES)
         "sample": ("quickstart: built-in sample photos, minutes on a CPU", sample_ae, sample_train, 0),
         "cifar10-f4": ("CIFAR-10; the three families at equal bits/token", cifar_ae, cifar_train, 0),
@@ -447,9 +454,11 @@ _TRAIN_RULES: dict[str, _Rule] = {
     "eval_every": _at_least(0, "0 = only at the end"),
     "checkpoint_every": _at_least(0, "0 = only at the end"),
     "eval_images": _at_least(1),  # the held-out batch is evaluated (PSNR, grid) at least at the end
-    "num_workers": _at_least(0),
+    "num_workers": _at_least(-1, "-1 = auto"),
     "amp": _one_of("auto", "bf16", "none"),
     "cpu_threads": _at_least(0, "0 = torch's default"),
+    "compile": _one_of("auto", "on", "off"),
+    "grad_checkpointing": _ANY_BOOL,
 }
 
 

@@ -1,8 +1,10 @@
 """A run folder's saved state: ``train_state/`` and ``checkpoint/`` written as one commit, verified when read back.
 
-``save_run_state`` and ``load_run_state`` are the one pair that writes and reads the run state (one dict: step, data
-position, RNG of every rank, optimizers, schedulers, and the ``model`` / ``ema`` / ``disc`` weights). A save is one
-commit, in this order (rank 0 only)::
+``TrainState`` is what a run is at a step (models, optimizers, schedulers, EMA, step, data position, RNG); its
+``state_dict`` / ``load_state_dict`` pair turns it into one dict and back, both from the one list ``TrainState.PARTS``,
+so what is saved and what is restored cannot drift apart. ``save_run_state`` and ``load_run_state`` are the one pair
+that writes and reads that dict (the ``model`` / ``ema`` / ``disc`` weights as safetensors, the rest as ``state.pt``).
+A save is one commit, in this order (rank 0 only)::
 
     1. .train_state.tmp-ID/   model/ema/disc.safetensors, state.pt, manifest.json (sha256 of every file); fsynced
     2. .checkpoint.tmp-ID/    model.safetensors + config.json (the EMA weights, ``tokkit.load``-able); fsynced
@@ -22,12 +24,17 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
 from tokkit.checkpoint import fsync_dir, read_checkpoint_meta, write_checkpoint_dir, write_durable
 from tokkit.errors import CheckpointError
@@ -37,6 +44,96 @@ STATE, CKPT, COMMIT = "train_state", "checkpoint", "save.json"
 STATE_FORMAT, COMMIT_FORMAT = "tokkit-train-state/1", "tokkit-save/1"
 MANIFEST = "manifest.json"
 WEIGHT_KEYS = ("model", "ema", "disc")  # state[key] (a state dict) <-> train_state/<key>.safetensors
+
+
+@dataclass
+class TrainState:
+    """A run at a step: what ``--resume`` restores, and nothing else.
+
+    Attributes:
+        model: the tokenizer being trained (never a compiled or DDP wrapper: its state dict keys are the plain ones).
+        opt, sched: its AdamW and learning-rate schedule.
+        usage_counts: (K,) int64 code counts since the last evaluation (all ranks add theirs at evaluation).
+        ema, disc, d_opt, d_sched, lecam: the EMA copy, discriminator, its optimizer and schedule, LeCam anchors (None
+            when off).
+        step: optimizer steps done.
+        consumed: batches this rank has drawn (its data position).
+        bad: indices of unreadable training images seen so far.
+    """
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    usage_counts: Tensor
+    ema: nn.Module | None = None
+    disc: nn.Module | None = None
+    d_opt: torch.optim.Optimizer | None = None
+    d_sched: Any = None
+    lecam: nn.Module | None = None
+    step: int = 0
+    consumed: int = 0
+    bad: set[int] = field(default_factory=set)
+
+    PARTS = ("model", "ema", "disc", "opt", "sched", "d_opt", "d_sched", "lecam")  # objects with a state dict
+
+    def state_dict(self, gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, Any]:
+        """One dict (what ``save_run_state`` writes); ``gather`` collects a per-rank value from every rank."""
+        consumed = gather(self.consumed)
+        state = {"step": self.step, "consumed": consumed, "rng": gather(rng_state()), "bad": sorted(self.bad),
+                 "usage_counts": self.usage_counts.cpu(), "world_size": len(consumed)}
+        for key in self.PARTS:
+            part = getattr(self, key)
+            state[key] = None if part is None else part.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rank: int, where: Path) -> None:
+        """The inverse of ``state_dict`` on rank ``rank`` (RNG and data position are per rank).
+
+        Raises:
+            CheckpointError: a state this run cannot use (other parts, other shapes), naming ``where``.
+        """
+        try:
+            for key in self.PARTS:
+                part = getattr(self, key)
+                if part is not None:
+                    if state.get(key) is None:
+                        raise KeyError(f"{key} missing")
+                    if isinstance(part, nn.Module):
+                        part.load_state_dict(state[key], strict=True)
+                    else:
+                        part.load_state_dict(state[key])
+            self.step, self.consumed, self.bad = int(state["step"]), int(state["consumed"][rank]), set(state["bad"])
+            self.usage_counts = state["usage_counts"].to(self.usage_counts.device)
+            set_rng_state(state["rng"][rank])
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot resume from {where} ({type(e).__name__}: {first}): start a new run without "
+                                  "--resume") from None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG streams (torch, CUDA, numpy, python), as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """The inverse of ``rng_state``."""
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], *state["numpy_gauss"]))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_run_state(out: str | Path, state: dict[str, Any], config: Any) -> None:
@@ -230,4 +327,5 @@ def checkpoint_matches(out: str | Path, step: int) -> bool:
     return (meta.get("extra") or {}).get("step") == step
 
 
-__all__ = ["checkpoint_matches", "has_run_state", "load_run_state", "recover", "save_run_state"]
+__all__ = ["TrainState", "checkpoint_matches", "has_run_state", "load_run_state", "recover", "rng_state",
+           "save_run_state", "set_rng_state"]
