@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_train_sets
+from helpers import make_tiny_checkpoint, tiny_train_sets
 from typer.testing import CliRunner
 
 from tokkit import distributed as tdist
@@ -54,6 +54,7 @@ def test_gpu_check_passes_where_it_should(monkeypatch):
 
 @pytest.mark.parametrize("command", ["train", "encode"])
 def test_cli_prints_one_line_and_launches_nothing(one_gpu, tmp_path, command):
+    make_tiny_checkpoint(tmp_path / "ckpt")  # a real checkpoint: the CLI checks paths before the GPU count
     args = {"train": ["train", "--out", str(tmp_path / "run")],
             "encode": ["encode", str(tmp_path / "ckpt"), "sample", "--out", str(tmp_path / "shards")]}[command]
     result = CliRunner().invoke(app, [*args, "--nproc-per-node", "2"])
