@@ -251,6 +251,7 @@ def main() -> None:
     for batch, by_case in results.items():
         _print_table(console, batch, by_case, args, torch.__version__)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
 
 
