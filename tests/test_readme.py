@@ -41,6 +41,7 @@ NEEDS_ASSETS = ("../shared/", "benchmarks/cifar10.py", "benchmarks/encode.py")
 
 # an 8-channel model evaluated on 4 images at the end; tokkit train also trains it at 16 px with no LPIPS
 TINY_SETS = "--set tokenizer.base_channels=8 --set train.eval_images=4 --set train.eval_every=0"
+TINY_SPEED = f"--set tokenizer.resolution=16 --set tokenizer.channel_mult=[1,2] {TINY_SETS}"
 TINY_TRAIN = f"--perceptual none --set tokenizer.resolution=16 --set tokenizer.channel_mult=[1,2] {TINY_SETS}"
 
 # applied to every command line, in order, before it runs: the README's commands at test size
@@ -60,6 +61,8 @@ SCALE: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     (r"^(python benchmarks/encode\.py.*) --limit \d+", r"\1"),
     (r"^(python benchmarks/encode\.py.*)$", r"\1 --limit 4 --batch-size 2"),
     (r"^(python benchmarks/quantizers\.py.*)$", r"\1 --quick --cases fsq --min-time 0.05 --rounds 1"),
+    # train_speed --quick: 2 timed steps and 6 training steps of the tiny model
+    (r"^(python benchmarks/train_speed\.py.*)$", rf"\1 --steps 2 --train-steps 6 {TINY_SPEED}"),
     (r"\.\./shared/", f"{SHARED_ASSETS.parent}/"),
 ]
 
