@@ -333,6 +333,8 @@ def training_data_warning(checkpoint: str | Path, data: str | Path, fingerprint:
     the same images under another path, such as a moved folder, are recognized too. A checkpoint without a readable
     run.json gets no warning.
     """
+    from tokkit.train_data import data_spec  # the one spelling run.json records
+
     ckpt = Path(checkpoint)
     records = [ckpt / "run.json"] + ([ckpt.parent / "run.json"] if ckpt.name == "checkpoint" else [])
     run_json = next((p for p in records if p.is_file()), None)
@@ -341,28 +343,17 @@ def training_data_warning(checkpoint: str | Path, data: str | Path, fingerprint:
     try:
         rec = json.loads(run_json.read_text())
         trained = [rec] + [h for h in rec.get("data_history") or [] if isinstance(h, dict)]
-        specs = {_data_spec(t["data"]) for t in trained if isinstance(t.get("data"), str)}
+        specs = {data_spec(t["data"]) for t in trained if isinstance(t.get("data"), str)}
         prints = {t["data_fingerprint"] for t in trained if isinstance(t.get("data_fingerprint"), str)}
     except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not a run record: nothing to say
         return None
-    spec = _data_spec(data)
+    spec = data_spec(data)
     if spec not in specs and fingerprint not in prints:
         return None
     return (
         f"{ckpt} was trained on these images ({spec}, per {run_json}): its numbers measure reconstruction of "
         "training images, not of unseen ones; bench on held-out images to compare tokenizers"
     )
-
-
-def _data_spec(data: str | Path) -> str:
-    """``data`` as ``tokkit train`` records it in run.json: ``sample``, or an absolute path (``FILE.npz:KEY`` too)."""
-    text = str(data)
-    if text == "sample":
-        return text
-    if ".npz:" in text and not Path(text).exists():
-        path, key = text.rsplit(":", 1)
-        return f"{Path(path).expanduser().resolve()}:{key}"
-    return str(Path(text).expanduser().resolve())
 
 
 def _check_count(name: str, flag: str, value: Any, minimum: int) -> None:
