@@ -15,6 +15,7 @@ Public API::
     out = q(torch.randn(2, 4, 16, 16))                     # QuantizerOutput: out.codes, out.indices (2, 16, 16)
     ds = tokkit.open_shards("shards/")                     # token shards (tokkit encode) as a torch Dataset
     tokens, label = ds[0]                                  # (h, w) int64, class index (-1: unlabeled)
+    sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
 """
@@ -31,6 +32,7 @@ _LAZY = {
     "load": "tokkit.checkpoint",
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
+    "ShardSampler": "tokkit.sampler",
     "QuantizerOutput": "tokkit.quantizers",
     "Quantizer": "tokkit.quantizers",
     "VQ": "tokkit.quantizers",
