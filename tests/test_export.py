@@ -128,7 +128,9 @@ def test_refuses_another_export_and_a_broken_set(shard_set: Path, tmp_path: Path
     export_shards(shard_set, out, "jsonl")
     with pytest.raises(ShardError, match="jsonl export of this shard set"):
         export_shards(shard_set, out, "webdataset")
-    export_shards(shard_set, out, "webdataset", overwrite=True)
+    (out / "tokens-000009.tar").write_bytes(b"from an export of a longer set")
+    export_shards(shard_set, out, "webdataset", overwrite=True)  # removes what the others left, nothing else
+    assert sorted(p.name for p in out.iterdir()) == ["_export.json"] + [f"tokens-{i:06d}.tar" for i in range(3)]
     broken = shutil.copytree(shard_set, tmp_path / "broken")
     (broken / "shards" / "shard-000001.codes.npy").unlink()
     with pytest.raises(ShardError, match="shard-000001"):

@@ -26,7 +26,8 @@ stored views (1 without a views axis), ``L = h * w`` the tokens per view (``prod
 
 Every export also writes ``OUT/_export.json`` (format, source manifest sha256, counts): first with ``complete: false``,
 last with ``complete: true``. Each output file is written to a temporary and renamed into place, so an interrupted
-export resumes by skipping the files that exist; ``overwrite`` rewrites them all. Labels are as stored (-1 =
+export resumes by skipping the files that exist; ``overwrite`` rewrites them all (and removes the files an
+export of another set or format left in OUT). Labels are as stored (-1 =
 unlabeled). Webdataset and pyarrow are optional (``pip install "tokkit[export]"``) and imported only when needed.
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import uuid
@@ -188,6 +190,30 @@ def _todo(path: Path, overwrite: bool) -> bool:
     return overwrite or not path.is_file()
 
 
+_SHARD_OUTPUT = re.compile(r"^tokens-\d{6,}\.(jsonl|tar|parquet)$")
+_LLAMAGEN_DIR = re.compile(r"^imagenet\d+_(codes|labels)$")
+_LLAMAGEN_FILE = re.compile(r"^\d+\.npy$")
+
+
+def _outputs_of_any_export(out: Path) -> list[Path]:
+    """Files in ``out`` named as some export writes them (``tokens-000000.tar``, ``imagenet256_codes/7.npy`` ...)."""
+    found = [p for p in out.iterdir() if _SHARD_OUTPUT.match(p.name) and p.is_file()]
+    for d in out.iterdir():
+        if _LLAMAGEN_DIR.match(d.name) and d.is_dir():
+            found += [p for p in d.iterdir() if _LLAMAGEN_FILE.match(p.name) and p.is_file()]
+    return found
+
+
+def _expected_outputs(out: Path, format: str, blocks: list[_Block]) -> set[Path]:
+    """The files this export writes."""
+    if format == "llamagen":
+        r = blocks[0].resolution if blocks else 0
+        n = sum(b.n for b in blocks)
+        return {out / f"imagenet{r}_{part}" / f"{i}.npy" for part in ("codes", "labels") for i in range(n)}
+    ext = {"jsonl": "jsonl", "webdataset": "tar", "parquet": "parquet"}[format]
+    return {out / f"tokens-{b.id:06d}.{ext}" for b in blocks}
+
+
 @register_exporter("llamagen")
 def _llamagen(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
     codes_dir, labels_dir = out / f"imagenet{block.resolution}_codes", out / f"imagenet{block.resolution}_labels"
@@ -339,22 +365,33 @@ def export_shards(
             f"LlamaGen samples one of the {ds.num_views} views only when the codes path contains 'flip' "
             "(e.g. --out .../imagenet_code_c2i_flip_ten_crop); elsewhere it reads every view as one sequence"
         )
+    unlabeled = int((ds.labels < 0).sum())
+    if unlabeled:
+        result.notes.append(f"{unlabeled} of {len(ds)} images are unlabeled: exported with label -1")
     for note in result.notes:
         reporter.message(note)
     expect = expected_facts(manifest)
     resolution = int(manifest.get("preprocessing", {}).get("resolution", 0))
+    blocks, start = [], 0
+    for entry in manifest["shards"]:
+        if entry["n"] > 0:
+            blocks.append(_Block(root, entry, start, views_axis, int(expect["limit"]), resolution))
+            start += int(entry["n"])
+    if overwrite:  # what an earlier, other export left must not be read as part of this one
+        keep = _expected_outputs(out, format, blocks)
+        for p in _outputs_of_any_export(out):
+            if p not in keep:
+                with writing(p):
+                    p.unlink()
     write = _EXPORTERS[format]
     reporter.start(f"export {format}", len(ds))
-    start = 0
+    done = 0
     try:
-        for entry in manifest["shards"]:
-            if entry["n"] == 0:
-                continue
-            block = _Block(root, entry, start, views_axis, int(expect["limit"]), resolution)
+        for block in blocks:
             w, s = write(block, out, overwrite)
             result.written, result.skipped = result.written + w, result.skipped + s
-            start += block.n
-            reporter.advance(start, written=result.written, skipped=result.skipped)
+            done += block.n
+            reporter.advance(done, written=result.written, skipped=result.skipped)
     finally:
         reporter.stop()
     result.seconds = time.perf_counter() - t0
