@@ -26,9 +26,9 @@ stored views (1 without a views axis), ``L = h * w`` the tokens per view (``prod
 
 Every export also writes ``OUT/_export.json`` (format, source manifest sha256, counts): first with ``complete: false``,
 last with ``complete: true``. Each output file is written to a temporary and renamed into place, so an interrupted
-export resumes by skipping the files that exist; ``overwrite`` rewrites them all (and removes the files an
-export of another set or format left in OUT). Labels are as stored (-1 =
-unlabeled). Webdataset and pyarrow are optional (``pip install "tokkit[export]"``) and imported only when needed.
+export resumes by skipping the files that exist; ``overwrite`` rewrites them all (and removes the files an export
+of another set or format left in OUT). Labels are as stored (-1 = unlabeled). pyarrow (parquet) and webdataset (to
+read the tars) are optional: ``pip install "tokkit[export]"``; pyarrow is imported only for parquet.
 """
 
 from __future__ import annotations
