@@ -24,8 +24,8 @@ SHARED = {
     "workers": (["--workers", "-j"], None, {"train", "encode", "bench"}),
     "batch_size": (["--batch-size", "-b"], None, {"train", "encode", "decode", "bench"}),
     "num_images": (["--num-images", "-n"], None, {"decode", "bench"}),
-    "quiet": (["--quiet", "-q"], False, {"train", "encode", "decode", "verify", "bench"}),
-    "json_out": (["--json"], False, {"train", "encode", "decode", "verify", "info", "bench", "presets"}),
+    "quiet": (["--quiet", "-q"], False, {"train", "encode", "decode", "verify", "bench", "export"}),
+    "json_out": (["--json"], False, {"train", "encode", "decode", "verify", "info", "bench", "presets", "export"}),
     "device": (["--device"], "auto", {"train", "encode", "decode", "bench"}),
 }
 

@@ -9,7 +9,7 @@ import typer
 import typer.core
 from typer.core import TyperGroup
 
-from tokkit.cli import bench, decode, encode, info, presets, train, verify
+from tokkit.cli import bench, decode, encode, export, info, presets, train, verify
 from tokkit.cli.common import fail
 from tokkit.errors import TokkitError
 
@@ -100,6 +100,7 @@ app.command("presets")(presets.presets)
 app.command("encode")(encode.encode)
 app.command("decode")(decode.decode)
 app.command("verify")(verify.verify)
+app.command("export")(export.export)
 app.command("info")(info.info)
 app.command("bench")(bench.bench)
 
