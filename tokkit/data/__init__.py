@@ -1,8 +1,11 @@
-"""Image data: sources (folder, zip, list, arrays, the built-in sample set), robust decoding, pinned preprocessing.
+"""Image data: sources (folder, zip, list, arrays, webdataset tars, parquet, the sample set), robust decoding,
+pinned preprocessing.
 
     from torch.utils.data import DataLoader
     from tokkit.data import open_source, ImageDataset, collate_skip_bad, to_float
     src = open_source("photos/")                      # or a .zip, a .txt list, a .npy/.npz, or "sample"
+    src = open_source("shards/data-{000000..000127}.tar")   # webdataset tars (a glob works too)
+    src = open_source("hf/train/", image_key="image", label_key="label")   # a folder of .parquet files
     ds = ImageDataset(src, resolution=64)             # item -> dict(image uint8 (3, 64, 64), label, index)
     loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=collate_skip_bad)
     x = to_float(next(iter(loader))["images"])        # (B, 3, 64, 64) float in [-1, 1]
@@ -21,6 +24,7 @@ from tokkit.data.transforms import (
     to_float,
     to_uint8,
 )
+from tokkit.data.web_sources import ParquetSource, TarSource, expand_braces, expand_shards
 
 __all__ = [
     "make_grid",
@@ -33,9 +37,13 @@ __all__ = [
     "BadImage",
     "ImageDataset",
     "ImageSource",
+    "ParquetSource",
+    "TarSource",
     "center_crop_resize",
     "collate_skip_bad",
     "decode_image",
+    "expand_braces",
+    "expand_shards",
     "make_views",
     "max_input_bytes",
     "open_source",

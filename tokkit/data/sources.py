@@ -1,4 +1,5 @@
-"""Image sources: one indexable view over a folder, a zip, a text list, a uint8 array or the built-in sample set.
+"""Image sources: one indexable view over a folder, a zip, a text list, a uint8 array, the built-in sample set, or
+webdataset tars / parquet files (``tokkit.data.web_sources``).
 
 A source lists its inputs up front (sorted keys, labels, class map) and reads one image on demand. Reading never
 happens at construction, so opening a source of a million files costs a directory walk (or a zip's central
@@ -326,16 +327,28 @@ class SampleSource(ArraySource):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def open_source(spec: str | Path, max_input_bytes: int | str | None = None) -> ImageSource:
+_KINDS = "an image folder, .zip, .txt list, .npy/.npz, webdataset .tar shards, .parquet files or 'sample'"
+
+
+def open_source(
+    spec: str | Path,
+    max_input_bytes: int | str | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> ImageSource:
     """Open an image source.
 
     Args:
         spec: an image folder (recursive; class subfolders -> labels), a ``.zip`` of images (class subfolders inside
             -> labels), a ``.txt`` list of image paths, a ``.npy``/``.npz`` uint8 array (N, H, W, 3) (``FILE.npz:KEY``
-            picks an array; labels from ``labels``/``y``/``<prefix>_labels``, integers or strings), or ``sample``
-            (the built-in set).
+            picks an array; labels from ``labels``/``y``/``<prefix>_labels``, integers or strings), webdataset
+            ``.tar`` shards (one file, a glob ``shards/*.tar`` or a brace range ``data-{000000..000127}.tar``),
+            ``.parquet`` files (one file, a folder holding ``*.parquet``, or a pattern), or ``sample`` (the built-in
+            set). See ``tokkit.data.web_sources`` for tars and parquet.
         max_input_bytes: the most bytes read for one input (a file, a zip member, an ``.npz`` array); default
             ``$TOKKIT_MAX_INPUT_BYTES`` or 256 MiB. A bigger input is a bad input (or, for an array, refused here).
+        image_key: parquet only: the image column (binary, or a ``{"bytes", "path"}`` struct).
+        label_key: parquet only: the label column (integers or names); absent -> unlabeled.
 
     Returns:
         An ``ImageSource``.
@@ -349,9 +362,15 @@ def open_source(spec: str | Path, max_input_bytes: int | str | None = None) -> I
     npz_key = None
     if ".npz:" in text and not Path(text).exists():
         text, npz_key = text.rsplit(":", 1)
+    else:
+        from tokkit.data.web_sources import open_sharded
+
+        sharded = open_sharded(text, image_key, label_key, max_input_bytes)
+        if sharded is not None:
+            return sharded
     path = Path(text).expanduser()
     if not path.exists():
-        raise DataError(f"data not found: {path} (give an image folder, .zip, .txt list, .npy/.npz or 'sample')")
+        raise DataError(f"data not found: {path} (give {_KINDS})")
     _require_regular(path)
     if path.is_dir():
         return FolderSource(path, max_input_bytes)
@@ -370,4 +389,4 @@ def open_source(spec: str | Path, max_input_bytes: int | str | None = None) -> I
         limit = resolve_max_input_bytes(max_input_bytes)
         root, images, labels, class_names = load_npz(path.resolve(), npz_key, limit)
         return ArraySource(root, images, labels, class_names, limit)
-    raise DataError(f"cannot read {path} as data: give an image folder, .zip, .txt list, .npy/.npz or 'sample'")
+    raise DataError(f"cannot read {path} as data: give {_KINDS}")

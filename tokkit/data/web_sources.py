@@ -1,0 +1,462 @@
+"""Sharded sources: webdataset ``.tar`` shards and Hugging Face style ``.parquet`` files, local only.
+
+Both are planned up front like every other source: the shard list is expanded (brace ranges such as
+``data-{000000..000127}.tar``, alternatives ``{train,val}``, then globs) and sorted, every sample is indexed, and a
+read seeks straight to one sample. Nothing is streamed, so encode's shard plan, resume and ``shard_id % world_size``
+assignment hold as they do for a folder.
+
+- **webdataset tars** (uncompressed ``.tar``, read with the stdlib ``tarfile``): members are grouped into samples by
+  key (the member path up to the first dot of its base name); a sample's image is its member with an image extension
+  (``jpg``, ``png``, ``webp`` ...), its label the integer in a ``cls`` / ``class`` / ``label`` member (else -1). A
+  sample without an image is listed and reported as a bad input when read. Keys read ``TAR/SAMPLEKEY``.
+  Fingerprint: each tar's size, mtime (ns) and member list (names, sizes).
+- **parquet** (a file or a folder of ``*.parquet``; pyarrow, imported only here): the image column holds encoded
+  bytes, either plain binary or the ``datasets`` struct ``{"bytes": ..., "path": ...}``; the label column holds integers
+  or names (absent -> -1). Keys read ``FILE/ROW``. A read loads one row group's image column (two kept per process).
+  Fingerprint: each file's size, mtime (ns) and row count, and the image column's name.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tokkit.data.arrays import labels_to_ids
+from tokkit.data.images import BadImage, _first_line, decode_image
+from tokkit.data.inputs import too_large
+from tokkit.data.sources import IMAGE_EXTENSIONS, ImageSource, _require_regular, _stat_facts
+from tokkit.errors import DataError
+
+MAX_BRACE_EXPANSION = 1_000_000
+LABEL_EXTENSIONS = ("cls", "class", "label")
+_IMAGE_EXTS = tuple(e[1:] for e in sorted(IMAGE_EXTENSIONS, key=lambda e: (e not in (".jpg", ".jpeg", ".png"), e)))
+_GROUP = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``a-{00..02}.tar`` -> ``a-00.tar a-01.tar a-02.tar``; ``{x,y}`` -> alternatives.
+
+    Ranges keep the zero padding of their bounds and may count down; groups may nest. A group that is neither a
+    range nor holds a comma (``{x}``) stays as written.
+
+    Raises:
+        DataError: a pattern that expands to more than ``MAX_BRACE_EXPANSION`` names.
+    """
+    out: list[str] = []
+    todo = [pattern]
+    while todo:
+        text = todo.pop()
+        for m in _GROUP.finditer(text):
+            body = m.group(1)
+            rng = _RANGE.fullmatch(body)
+            if rng:
+                a, b = rng.group(1), rng.group(2)
+                lo, hi = int(a), int(b)
+                width = max(len(a), len(b)) if a.lstrip("-").startswith("0") or b.lstrip("-").startswith("0") else 0
+                step = 1 if hi >= lo else -1
+                if abs(hi - lo) + 1 > MAX_BRACE_EXPANSION:
+                    raise DataError(f"{pattern}: the range {{{body}}} names more than {MAX_BRACE_EXPANSION} shards")
+                parts = [f"{v:0{width}d}" for v in range(lo, hi + step, step)]
+            elif "," in body:
+                parts = body.split(",")
+            else:
+                continue
+            todo.extend(text[: m.start()] + p + text[m.end() :] for p in reversed(parts))
+            break
+        else:
+            out.append(text)
+        if len(out) + len(todo) > MAX_BRACE_EXPANSION:
+            raise DataError(f"{pattern} expands to more than {MAX_BRACE_EXPANSION} names")
+    return list(dict.fromkeys(out))
+
+
+def is_pattern(text: str) -> bool:
+    """Whether ``text`` holds brace groups or glob characters (and so names a shard list rather than one path)."""
+    return bool(_GROUP.search(text)) or glob.has_magic(text)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The sorted, absolute paths a shard spec names: braces expanded first, then globs (``shards/*.tar``).
+
+    Raises:
+        DataError: a named shard that does not exist (a brace range with a gap), or a glob matching nothing.
+    """
+    paths: list[str] = []
+    for name in expand_braces(os.path.expanduser(spec)):
+        if glob.has_magic(name):
+            hits = glob.glob(name)
+            if not hits:
+                raise DataError(f"no files match {name}" + (f" (from {spec})" if name != spec else ""))
+            paths += hits
+        elif os.path.exists(name):
+            paths.append(name)
+        else:
+            raise DataError(f"data not found: {name}" + (f" (named by {spec})" if name != spec else ""))
+    return sorted({os.path.abspath(p) for p in paths})
+
+
+def _short_names(paths: list[str]) -> list[str]:
+    """Paths relative to their common folder (base names when they share one folder)."""
+    common = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return [os.path.relpath(p, common).replace(os.sep, "/") for p in paths]
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """webdataset's rule: ``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``); None for a name without an extension."""
+    folder, _, base = name.rpartition("/")
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _pick_image(exts: dict[str, Any]) -> str | None:
+    """The image member of a sample: an image extension in preference order, else a ``*.png``-style compound one."""
+    for e in _IMAGE_EXTS:
+        for ext in exts:
+            if ext.lower() == e:
+                return ext
+    compound = sorted(x for x in exts if "." in x and x.rsplit(".", 1)[1].lower() in _IMAGE_EXTS)
+    return compound[0] if compound else None
+
+
+class _Handles:
+    """Read-only file descriptors, opened on first use in each process and never pickled."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.fds: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:
+        return {"pid": -1, "fds": {}}
+
+    def get(self, path: str) -> int:
+        if self.pid != os.getpid():  # after fork: the parent's descriptors are not ours to reuse or close
+            self.fds, self.pid = {}, os.getpid()
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return fd
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            for fd in self.fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    if hasattr(os, "pread"):
+        chunks, got = [], 0
+        while got < size:
+            b = os.pread(fd, size - got, offset + got)
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks)
+    os.lseek(fd, offset, os.SEEK_SET)  # no pread (Windows): handles are per process, reads are not threaded
+    return os.read(fd, size)
+
+
+class TarSource(ImageSource):
+    """Samples of webdataset ``.tar`` shards, indexed up front and read by seeking to one member.
+
+    Args:
+        paths: the tar files (sorted; see ``expand_shards``).
+        root: the spec they came from (recorded in the manifest).
+        max_input_bytes: the most bytes read for one image member.
+    """
+
+    kind = "webdataset"
+
+    def __init__(self, paths: list[str], root: str, max_input_bytes: int | str | None = None) -> None:
+        if not paths:
+            raise DataError(f"{root} names no .tar shards")
+        names = _short_names(paths)
+        keys: list[str] = []
+        labels: list[int] = []
+        locs: list[tuple[int, int, int, str] | None] = []  # (tar index, data offset, size, member) of each image
+        tar_facts: list[list] = []
+        bad_labels: dict[str, str] = {}
+        for t, (path, short) in enumerate(zip(paths, names, strict=True)):
+            _require_regular(Path(path))
+            samples, digest = self._index(path)
+            tar_facts.append([short, *_stat_facts(path), digest])
+            with open(path, "rb") as f:
+                for skey in sorted(samples):
+                    exts = samples[skey]
+                    key = f"{short}/{skey}"
+                    ext = _pick_image(exts)
+                    locs.append(None if ext is None else (t, exts[ext][0], exts[ext][1], f"{skey}.{ext}"))
+                    labels.append(self._label(f, key, exts, bad_labels))
+                    keys.append(key)
+        if not keys:
+            raise DataError(f"no samples found in {root}: expected webdataset .tar shards (KEY.jpg, KEY.cls ...)")
+        ids, class_to_idx = labels_to_ids(root, np.asarray(labels, dtype=np.int64), len(labels))
+        super().__init__(root, keys, ids, class_to_idx, max_input_bytes)
+        self.paths = list(paths)
+        self.skipped = bad_labels
+        self._locs = locs
+        self._tar_facts = tar_facts
+        self._handles = _Handles()
+
+    @staticmethod
+    def _index(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str]:
+        """sample key -> {extension: (data offset, size)}, and the sha256 of the member list (names, sizes)."""
+        h = hashlib.sha256()
+        samples: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, mode="r:") as tf:  # "r:": uncompressed only, so that members can be seeked to
+                for ti in tf:
+                    h.update(f"{ti.name}\0{ti.size}\0{ti.type!r}\n".encode())
+                    if not ti.isreg() or ti.issparse():
+                        continue
+                    split = _split_member(ti.name)
+                    if split is not None:  # a name stored twice is one member: the last copy, as tar extracts it
+                        samples.setdefault(split[0], {})[split[1]] = (ti.offset_data, ti.size)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            hint = "; compressed tars (.tar.gz) are not read: decompress them" if path.endswith("gz") else ""
+            hint = hint or "; check the file is a complete .tar"
+            raise DataError(f"cannot read tar {path}: {_first_line(e)}{hint}") from None
+        return samples, h.hexdigest()
+
+    @staticmethod
+    def _label(f, key: str, exts: dict[str, tuple[int, int]], bad: dict[str, str]) -> int:
+        for ext in LABEL_EXTENSIONS:
+            if ext in exts:
+                offset, size = exts[ext]
+                f.seek(offset)
+                text = f.read(min(size, 64)).decode("ascii", "replace").strip()
+                try:
+                    value = int(text)
+                except ValueError:
+                    bad[key] = f"label member .{ext} holds {text[:20]!r}, not an integer: read as unlabeled"
+                    return -1
+                if value < -1:
+                    bad[key] = f"label member .{ext} holds {value}: read as unlabeled"
+                    return -1
+                return value
+        return -1
+
+    def read(self, i: int) -> Image.Image:
+        key, loc = self.keys[i], self._locs[i]
+        if loc is None:
+            raise BadImage(key, "sample has no image member (expected KEY.jpg, KEY.png, KEY.webp ...)")
+        t, offset, size, member = loc
+        if size > self.max_input_bytes:
+            raise BadImage(key, too_large(size, self.max_input_bytes, "tar member"))
+        try:
+            data = _pread(self._handles.get(self.paths[t]), size, offset)
+        except OSError as e:
+            raise BadImage(key, f"cannot read tar member {member}: {e.strerror or e}") from None
+        if len(data) != size:
+            raise BadImage(key, f"tar member {member} is cut short ({len(data)} of {size} bytes): the tar is truncated")
+        return decode_image(data, key)
+
+    def _fingerprint_items(self) -> list:
+        return [self._tar_facts, [[k, lab] for k, lab in zip(self.keys, self.labels, strict=True)]]
+
+
+class ParquetSource(ImageSource):
+    """Rows of ``.parquet`` files (Hugging Face ``datasets`` layout): an image column and an optional label column.
+
+    Args:
+        paths: the parquet files (sorted).
+        root: the spec they came from.
+        image_key: the image column: binary, or a struct with a ``bytes`` field.
+        label_key: the label column (integers or names); absent -> unlabeled.
+        max_input_bytes: the most bytes read for one image.
+    """
+
+    kind = "parquet"
+
+    def __init__(
+        self,
+        paths: list[str],
+        root: str,
+        image_key: str = "image",
+        label_key: str = "label",
+        max_input_bytes: int | str | None = None,
+    ) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not paths:
+            raise DataError(f"{root} names no .parquet files")
+        names = _short_names(paths)
+        keys: list[str] = []
+        labels: list[Any] = []
+        groups: list[list[int]] = []  # per file: the first row of each row group, then the row count
+        facts: list[list] = []
+        for path, short in zip(paths, names, strict=True):
+            _require_regular(Path(path))
+            try:
+                pf = pq.ParquetFile(path)
+                schema = pf.schema_arrow
+                if image_key not in schema.names:
+                    raise DataError(
+                        f"{path} has no column {image_key!r} (columns: {', '.join(schema.names)}); "
+                        "name the image column with image_key (--image-key)"
+                    )
+                _check_image_type(path, image_key, schema.field(image_key).type, pa)
+                meta = pf.metadata
+                starts = [0]
+                for g in range(meta.num_row_groups):
+                    starts.append(starts[-1] + meta.row_group(g).num_rows)
+                n = starts[-1]
+                if label_key and label_key in schema.names:
+                    col = pf.read(columns=[label_key]).column(0)
+                    labels += [-1 if v is None else v for v in col.to_pylist()]
+                else:
+                    labels += [-1] * n
+            except DataError:
+                raise
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"cannot read parquet {path}: {_first_line(e)}") from None
+            width = max(6, len(str(n - 1)))
+            keys += [f"{short}/{r:0{width}d}" for r in range(n)]
+            groups.append(starts)
+            facts.append([short, *_stat_facts(path), n])
+        if not keys:
+            raise DataError(f"no rows found in {root}")
+        ids, class_to_idx = _parquet_labels(root, labels)
+        super().__init__(root, keys, ids, class_to_idx, max_input_bytes)
+        self.paths = list(paths)
+        self.image_key = image_key
+        self.label_key = label_key
+        self._groups = groups
+        self._file_start = list(np.cumsum([0] + [g[-1] for g in groups]))
+        self._facts = facts
+        self._cache: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self._files: dict[int, Any] = {}
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"], state["_files"], state["_pid"] = OrderedDict(), {}, -1
+        return state
+
+    def _column(self, f: int, g: int) -> list:
+        """The image column of row group ``g`` of file ``f`` as Python values (two groups cached per process)."""
+        import pyarrow.parquet as pq
+
+        if self._pid != os.getpid():
+            self._cache, self._files, self._pid = OrderedDict(), {}, os.getpid()
+        hit = self._cache.get((f, g))
+        if hit is not None:
+            self._cache.move_to_end((f, g))
+            return hit
+        pf = self._files.get(f)
+        if pf is None:
+            pf = self._files[f] = pq.ParquetFile(self.paths[f])
+        values = pf.read_row_group(g, columns=[self.image_key]).column(0).to_pylist()
+        self._cache[(f, g)] = values
+        while len(self._cache) > 2:
+            self._cache.popitem(last=False)
+        return values
+
+    def read(self, i: int) -> Image.Image:
+        import pyarrow as pa
+
+        key = self.keys[i]
+        f = bisect.bisect_right(self._file_start, i) - 1
+        row = i - int(self._file_start[f])
+        starts = self._groups[f]
+        g = bisect.bisect_right(starts, row) - 1
+        try:
+            value = self._column(f, g)[row - starts[g]]
+        except (OSError, pa.ArrowException, IndexError) as e:
+            raise BadImage(key, f"cannot read parquet row: {_first_line(e)}") from None
+        if isinstance(value, dict):
+            data = value.get("bytes")
+            if data is None:
+                where = f" (only a path: {value.get('path')})" if value.get("path") else ""
+                raise BadImage(key, f"the {self.image_key!r} cell holds no image bytes{where}")
+        else:
+            data = value
+        if data is None:
+            raise BadImage(key, f"the {self.image_key!r} cell is empty")
+        if len(data) > self.max_input_bytes:
+            raise BadImage(key, too_large(len(data), self.max_input_bytes, "parquet cell"))
+        return decode_image(bytes(data), key)
+
+    def _fingerprint_items(self) -> list:
+        return [self.image_key, self._facts, [[k, lab] for k, lab in zip(self.keys, self.labels, strict=True)]]
+
+
+def _check_image_type(path: str, key: str, typ: Any, pa: Any) -> None:
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+    if any(t(typ) for t in binary):
+        return
+    if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+        if any(t(typ.field("bytes").type) for t in binary):
+            return
+    raise DataError(
+        f"{path}: column {key!r} is {typ}, not image bytes (binary, or a struct with a 'bytes' field as written by "
+        "Hugging Face datasets); name the image column with image_key (--image-key)"
+    )
+
+
+def _parquet_labels(root: str, labels: list[Any]) -> tuple[list[int], dict[str, int]]:
+    """Integer ids (-1 for a missing label) or class names (sorted, missing -> -1) -> ids and the class map."""
+    names = sorted({v for v in labels if isinstance(v, str)})
+    if not names:
+        return labels_to_ids(root, np.asarray(labels), len(labels))
+    if any(not isinstance(v, str) and v != -1 for v in labels):
+        raise DataError(f"{root}: the label column mixes names and numbers; give one kind")
+    class_to_idx = {c: i for i, c in enumerate(names)}
+    return [class_to_idx[v] if isinstance(v, str) else -1 for v in labels], class_to_idx
+
+
+def open_sharded(
+    text: str, image_key: str = "image", label_key: str = "label", max_input_bytes: int | str | None = None
+) -> ImageSource | None:
+    """A ``TarSource`` or ``ParquetSource`` for ``text`` (a pattern, a ``.tar``, a ``.parquet``, or a folder holding
+    ``*.parquet`` files), or None when ``text`` names none of these.
+
+    Raises:
+        DataError: a pattern with missing shards, matching nothing, or mixing tars and parquet files.
+    """
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.parquet")))
+        return ParquetSource(files, os.path.abspath(path), image_key, label_key, max_input_bytes) if files else None
+    if os.path.exists(path):
+        paths = [os.path.abspath(path)]
+    elif is_pattern(path):
+        paths = expand_shards(path)
+    else:
+        return None
+    suffixes = {_suffix(p) for p in paths}
+    root = os.path.abspath(path)
+    if suffixes == {".tar"}:
+        return TarSource(paths, root, max_input_bytes)
+    if suffixes == {".parquet"}:
+        return ParquetSource(paths, root, image_key, label_key, max_input_bytes)
+    if len(paths) > 1 or suffixes & {".tar", ".parquet", ".tar.gz", ".tgz"}:
+        if suffixes & {".tar.gz", ".tgz"}:
+            raise DataError(f"{text}: compressed tars are not read (no seeking): decompress them to .tar")
+        raise DataError(f"{text} names {len(paths)} files of kinds {sorted(suffixes)}: give only .tar or .parquet")
+    return None
+
+
+def _suffix(path: str) -> str:
+    low = path.lower()
+    for s in (".tar.gz", ".tgz"):
+        if low.endswith(s):
+            return s
+    return os.path.splitext(low)[1]
