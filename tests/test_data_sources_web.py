@@ -147,6 +147,26 @@ def test_tar_encode_matches_folder_and_resume_refused(tmp_path: Path) -> None:
         encode_dataset(ckpt, spec, tmp_path / "out", **kw)
 
 
+def test_tar_truncated_folder_and_compressed(tmp_path: Path) -> None:
+    members = {f"./s{i}.png": _bytes(_img(i, (30, 30))) for i in range(3)}  # ``tar cf x.tar .`` style names
+    (tmp_path / "w").mkdir()
+    full = _write_tar(tmp_path / "w" / "full.tar", members)
+    data = full.read_bytes()
+    cut = tmp_path / "w" / "cut.tar"
+    cut.write_bytes(data[: data.index(members["./s2.png"]) + 50])  # the last image cut in the middle
+    src = open_source(tmp_path / "w")  # a folder holding only tars
+    assert src.kind == "webdataset" and src.keys[:3] == ["cut.tar/s0", "cut.tar/s1", "cut.tar/s2"]
+    assert "truncated" in src.skipped["cut.tar"] and len(src) == 6
+    item = ImageDataset(src, 16)[2]
+    assert "cut short" in item["error"] and "image" in ImageDataset(src, 16)[1]
+    (tmp_path / "z.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DataError, match="decompress"):
+        open_source(tmp_path / "z.tar.gz")
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.tar"):
+        open_source(tmp_path / "empty.tar")
+
+
 def test_tar_touched_changes_fingerprint(tmp_path: Path) -> None:
     tars = _shards(tmp_path / "w", n_tars=2, per=2)
     before = open_source(str(tmp_path / "w" / "*.tar")).fingerprint()

@@ -373,7 +373,15 @@ def open_source(
         raise DataError(f"data not found: {path} (give {_KINDS})")
     _require_regular(path)
     if path.is_dir():
-        return FolderSource(path, max_input_bytes)
+        try:
+            return FolderSource(path, max_input_bytes)
+        except DataError:
+            from tokkit.data.web_sources import tar_folder
+
+            tars = tar_folder(path, max_input_bytes)  # a folder holding only webdataset shards
+            if tars is None:
+                raise
+            return tars
     suffix = path.suffix.lower()
     if suffix == ".zip":
         return ZipSource(path, max_input_bytes)

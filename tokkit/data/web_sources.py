@@ -191,10 +191,12 @@ class TarSource(ImageSource):
         labels: list[int] = []
         locs: list[tuple[int, int, int, str] | None] = []  # (tar index, data offset, size, member) of each image
         tar_facts: list[list] = []
-        bad_labels: dict[str, str] = {}
+        notes: dict[str, str] = {}
         for t, (path, short) in enumerate(zip(paths, names, strict=True)):
             _require_regular(Path(path))
-            samples, digest = self._index(path)
+            samples, digest, stopped = self._index(path)
+            if stopped:
+                notes[short] = stopped
             tar_facts.append([short, *_stat_facts(path), digest])
             with open(path, "rb") as f:
                 for skey in sorted(samples):
@@ -202,37 +204,48 @@ class TarSource(ImageSource):
                     key = f"{short}/{skey}"
                     ext = _pick_image(exts)
                     locs.append(None if ext is None else (t, exts[ext][0], exts[ext][1], f"{skey}.{ext}"))
-                    labels.append(self._label(f, key, exts, bad_labels))
+                    labels.append(self._label(f, key, exts, notes))
                     keys.append(key)
         if not keys:
             raise DataError(f"no samples found in {root}: expected webdataset .tar shards (KEY.jpg, KEY.cls ...)")
         ids, class_to_idx = labels_to_ids(root, np.asarray(labels, dtype=np.int64), len(labels))
         super().__init__(root, keys, ids, class_to_idx, max_input_bytes)
         self.paths = list(paths)
-        self.skipped = bad_labels
+        self.skipped = notes
         self._locs = locs
         self._tar_facts = tar_facts
         self._handles = _Handles()
 
     @staticmethod
-    def _index(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str]:
-        """sample key -> {extension: (data offset, size)}, and the sha256 of the member list (names, sizes)."""
+    def _index(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str, str | None]:
+        """sample key -> {extension: (data offset, size)}, the sha256 of the member list (names, sizes), and why the
+        listing stopped early (a tar cut short: the members before the cut are kept, the cut one reads as bad)."""
         h = hashlib.sha256()
         samples: dict[str, dict[str, tuple[int, int]]] = {}
+        stopped = None
         try:
-            with tarfile.open(path, mode="r:") as tf:  # "r:": uncompressed only, so that members can be seeked to
-                for ti in tf:
-                    h.update(f"{ti.name}\0{ti.size}\0{ti.type!r}\n".encode())
-                    if not ti.isreg() or ti.issparse():
-                        continue
-                    split = _split_member(ti.name)
-                    if split is not None:  # a name stored twice is one member: the last copy, as tar extracts it
-                        samples.setdefault(split[0], {})[split[1]] = (ti.offset_data, ti.size)
+            tf = tarfile.open(path, mode="r:")  # "r:": uncompressed only, so that members can be seeked to
         except (tarfile.TarError, OSError, EOFError) as e:
-            hint = "; compressed tars (.tar.gz) are not read: decompress them" if path.endswith("gz") else ""
-            hint = hint or "; check the file is a complete .tar"
-            raise DataError(f"cannot read tar {path}: {_first_line(e)}{hint}") from None
-        return samples, h.hexdigest()
+            hint = "compressed tars (.tar.gz) are not read: decompress them" if path.endswith("gz") else ""
+            hint = hint or "check the file is a complete, uncompressed .tar"
+            raise DataError(f"cannot read tar {path}: {_first_line(e)}; {hint}") from None
+        with tf:
+            while True:
+                try:
+                    ti = tf.next()
+                except (tarfile.TarError, OSError, EOFError) as e:
+                    stopped = f"tar listing stopped after {len(tf.members)} members: {_first_line(e)} (truncated?)"
+                    break
+                if ti is None:
+                    break
+                h.update(f"{ti.name}\0{ti.size}\0{ti.type!r}\n".encode())
+                if not ti.isreg() or ti.issparse():
+                    continue
+                name = ti.name[2:] if ti.name.startswith("./") else ti.name  # ``tar cf x.tar .`` writes ./KEY.jpg
+                split = _split_member(name)
+                if split is not None:  # a name stored twice is one member: the last copy, as tar extracts it
+                    samples.setdefault(split[0], {})[split[1]] = (ti.offset_data, ti.size)
+        return samples, h.hexdigest(), stopped
 
     @staticmethod
     def _label(f, key: str, exts: dict[str, tuple[int, int]], bad: dict[str, str]) -> int:
@@ -426,7 +439,8 @@ def open_sharded(
     text: str, image_key: str = "image", label_key: str = "label", max_input_bytes: int | str | None = None
 ) -> ImageSource | None:
     """A ``TarSource`` or ``ParquetSource`` for ``text`` (a pattern, a ``.tar``, a ``.parquet``, or a folder holding
-    ``*.parquet`` files), or None when ``text`` names none of these.
+    ``*.parquet`` files), or None when ``text`` names none of these (a folder of ``*.tar`` files and no images is
+    opened by ``open_source`` through ``tar_folder``, once the folder walk finds no image).
 
     Raises:
         DataError: a pattern with missing shards, matching nothing, or mixing tars and parquet files.
@@ -452,6 +466,12 @@ def open_sharded(
             raise DataError(f"{text}: compressed tars are not read (no seeking): decompress them to .tar")
         raise DataError(f"{text} names {len(paths)} files of kinds {sorted(suffixes)}: give only .tar or .parquet")
     return None
+
+
+def tar_folder(path: str | os.PathLike, max_input_bytes: int | str | None = None) -> TarSource | None:
+    """The ``*.tar`` files directly inside a folder (that holds no images) as a ``TarSource``, or None."""
+    files = sorted(glob.glob(os.path.join(glob.escape(str(path)), "*.tar")))
+    return TarSource([os.path.abspath(f) for f in files], os.path.abspath(path), max_input_bytes) if files else None
 
 
 def _suffix(path: str) -> str:
