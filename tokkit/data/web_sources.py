@@ -354,7 +354,7 @@ class ParquetSource(ImageSource):
         self._groups = groups
         self._file_start = list(np.cumsum([0] + [g[-1] for g in groups]))
         self._facts = facts
-        self._cache: OrderedDict[tuple[int, int], list] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._files: dict[int, Any] = {}
         self._pid = -1
 
@@ -363,8 +363,8 @@ class ParquetSource(ImageSource):
         state["_cache"], state["_files"], state["_pid"] = OrderedDict(), {}, -1
         return state
 
-    def _column(self, f: int, g: int) -> list:
-        """The image column of row group ``g`` of file ``f`` as Python values (two groups cached per process)."""
+    def _column(self, f: int, g: int) -> Any:
+        """The image column of row group ``g`` of file ``f`` (a pyarrow ChunkedArray; two cached per process)."""
         import pyarrow.parquet as pq
 
         if self._pid != os.getpid():
@@ -376,7 +376,7 @@ class ParquetSource(ImageSource):
         pf = self._files.get(f)
         if pf is None:
             pf = self._files[f] = pq.ParquetFile(self.paths[f])
-        values = pf.read_row_group(g, columns=[self.image_key]).column(0).to_pylist()
+        values = pf.read_row_group(g, columns=[self.image_key]).column(0)  # arrow, not Python: one cell at a time
         self._cache[(f, g)] = values
         while len(self._cache) > 2:
             self._cache.popitem(last=False)
@@ -391,7 +391,7 @@ class ParquetSource(ImageSource):
         starts = self._groups[f]
         g = bisect.bisect_right(starts, row) - 1
         try:
-            value = self._column(f, g)[row - starts[g]]
+            value = self._column(f, g)[row - starts[g]].as_py()
         except (OSError, pa.ArrowException, IndexError) as e:
             raise BadImage(key, f"cannot read parquet row: {_first_line(e)}") from None
         if isinstance(value, dict):
