@@ -106,18 +106,20 @@ def test_tar_bad_samples_and_workers(tmp_path: Path) -> None:
             "a/textonly.cls": b"1",
             "a/badlabel.png": _bytes(_img(9)),
             "a/badlabel.cls": b"cat",
+            "a/huge.png": _bytes(_img(10)),
+            "a/huge.cls": b"99999999999999999999",
         },
     )
     src = open_source(tar)
-    assert src.keys == ["mixed.tar/a/badlabel", "mixed.tar/a/broken", "mixed.tar/a/good", "mixed.tar/a/nolabel",
-                        "mixed.tar/a/textonly"]  # fmt: skip
-    assert src.labels == [-1, -1, 3, -1, 1] and "mixed.tar/a/badlabel" in src.skipped
+    assert src.keys == ["mixed.tar/a/badlabel", "mixed.tar/a/broken", "mixed.tar/a/good", "mixed.tar/a/huge",
+                        "mixed.tar/a/nolabel", "mixed.tar/a/textonly"]  # fmt: skip
+    assert src.labels == [-1, -1, 3, -1, -1, 1] and {"mixed.tar/a/badlabel", "mixed.tar/a/huge"} <= set(src.skipped)
     ds = ImageDataset(pickle.loads(pickle.dumps(src)), resolution=16)
-    loader = DataLoader(ds, batch_size=5, num_workers=1, collate_fn=collate_skip_bad)
+    loader = DataLoader(ds, batch_size=6, num_workers=1, collate_fn=collate_skip_bad)
     batch = next(iter(loader))
-    assert batch["indices"].tolist() == [0, 2, 3] and batch["images"].shape == (3, 3, 16, 16)
+    assert batch["indices"].tolist() == [0, 2, 3, 4] and batch["images"].shape == (4, 3, 16, 16)
     errors = dict(batch["errors"])
-    assert set(errors) == {1, 4} and "no image member" in errors[4]
+    assert set(errors) == {1, 5} and "no image member" in errors[5]
     small = open_source(tar, max_input_bytes=64)
     assert "too large" in ds.__class__(small, 16)[2]["error"]
 

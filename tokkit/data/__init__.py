@@ -24,7 +24,7 @@ from tokkit.data.transforms import (
     to_float,
     to_uint8,
 )
-from tokkit.data.web_sources import ParquetSource, TarSource, expand_braces, expand_shards
+from tokkit.data.web_sources import TarSource, expand_braces, expand_shards
 
 __all__ = [
     "make_grid",
@@ -37,7 +37,6 @@ __all__ = [
     "BadImage",
     "ImageDataset",
     "ImageSource",
-    "ParquetSource",
     "TarSource",
     "center_crop_resize",
     "collate_skip_bad",
