@@ -233,3 +233,28 @@ def test_parquet_string_labels_and_encode(tmp_path: Path) -> None:
     _parquet(path, imgs[:8], ["a"] * 8, struct=True)
     with pytest.raises(ShardError, match="inputs changed"):
         encode_dataset(ckpt, path, tmp_path / "out", **kw)
+
+
+def test_tar_written_by_webdataset(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    path = tmp_path / "wds-000000.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"sample{i:04d}", "png": _bytes(_img(i)), "cls": str(i).encode()})
+    src = open_source(str(tmp_path / "wds-{000000..000000}.tar"))
+    assert src.keys == [f"wds-000000.tar/sample{i:04d}" for i in range(3)] and src.labels == [0, 1, 2]
+    assert np.array_equal(np.asarray(src.read(2)), np.asarray(_img(2)))
+
+
+def test_tars_need_no_pyarrow(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _shards(tmp_path / "w", n_tars=1, per=2)
+    code = (
+        "import sys; from tokkit.data import open_source; "
+        f"s = open_source({str(tmp_path / 'w' / '*.tar')!r}); s.read(0); assert 'pyarrow' not in sys.modules"
+    )
+    repo = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
