@@ -87,3 +87,32 @@ def test_one_line_errors(ckpt: Path, tmp_path: Path, args: list[str], needle: st
     assert r.exit_code == 2, r.output
     assert needle in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_encode_takes_a_brace_pattern_of_tar_shards(ckpt: Path, tmp_path: Path) -> None:
+    """A webdataset shard pattern passes the CLI's path check and is expanded by the source (every sample encoded)."""
+    import io
+    import json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for t in range(2):
+        with tarfile.open(tmp_path / f"d-{t:03d}.tar", "w") as tf:
+            for i in range(3):
+                png = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(png, "PNG")
+                for name, data in ((f"s{i}.png", png.getvalue()), (f"s{i}.cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    out = tmp_path / "shards"
+    spec = str(tmp_path / "d-{000..001}.tar")
+    res = CliRunner().invoke(app, ["encode", str(ckpt), spec, "--out", str(out), "-j", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 6 and manifest["complete"]
+    missing = CliRunner().invoke(app, ["encode", str(ckpt), str(tmp_path / "d-{000..002}.tar"), "--out", str(out)])
+    assert missing.exit_code != 0 and "Traceback" not in missing.output

@@ -33,13 +33,13 @@ def checkpoint(path: Path) -> Path:
 def data(spec: str) -> str:
     """An image source exists: ``sample``, a folder, a file, or ``FILE.npz:KEY`` (``tokkit.data.open_source``)."""
     text = spec
-    if text == "sample":
+    if text == "sample" or any(c in text for c in "*?[{"):  # tar / parquet patterns: open_source expands and checks them
         return spec
     if ".npz:" in text and not Path(text).exists():
         text = text.rsplit(":", 1)[0]
     path = Path(text).expanduser()
     if not path.exists():
-        raise DataError(f"data not found: {path} (give an image folder, .zip, .txt list, .npy/.npz or 'sample')")
+        raise DataError(f"data not found: {path} (give an image folder, .zip, .txt list, .npy/.npz, .tar shards, .parquet or 'sample')")
     return spec
 
 
