@@ -33,13 +33,14 @@ def checkpoint(path: Path) -> Path:
 def data(spec: str) -> str:
     """An image source exists: ``sample``, a folder, a file, or ``FILE.npz:KEY`` (``tokkit.data.open_source``)."""
     text = spec
-    if text == "sample" or any(c in text for c in "*?[{"):  # tar / parquet patterns: open_source expands and checks them
+    if text == "sample" or any(c in text for c in "*?[{"):  # tar / parquet patterns: open_source expands them
         return spec
     if ".npz:" in text and not Path(text).exists():
         text = text.rsplit(":", 1)[0]
     path = Path(text).expanduser()
     if not path.exists():
-        raise DataError(f"data not found: {path} (give an image folder, .zip, .txt list, .npy/.npz, .tar shards, .parquet or 'sample')")
+        kinds = "an image folder, .zip, .txt list, .npy/.npz, .tar shards, .parquet or 'sample'"
+        raise DataError(f"data not found: {path} (give {kinds})")
     return spec
 
 
