@@ -1,0 +1,90 @@
+"""bench and report know no quantizer family: each family reports its own usage statistics through the contract."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_quantizers_contract import CASES, make
+
+import tokkit.quantizers as Q
+from tokkit.quantizers import Quantizer, get_quantizer_class, list_quantizers
+
+ROOT = Path(__file__).resolve().parents[1] / "tokkit"
+FAMILY_BLIND = ["bench.py", "report.py"]
+
+
+def _family_words() -> tuple[set[str], set[str], set[str]]:
+    """Registry names, family class names and family module names, all read from the registry."""
+    classes = {get_quantizer_class(n) for n in list_quantizers()}
+    modules = {c.__module__ for c in classes}
+    return set(list_quantizers()), {c.__name__ for c in classes}, modules
+
+
+@pytest.mark.parametrize("filename", FAMILY_BLIND)
+def test_bench_and_report_name_no_family(filename: str) -> None:
+    src = (ROOT / filename).read_text()
+    names, classes, modules = _family_words()
+    found = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip().lower() in names:
+            found.append(f"line {node.lineno}: the registry name {node.value!r}")
+        if isinstance(node, ast.Name) and node.id in classes | {"registry_name"}:
+            found.append(f"line {node.lineno}: {node.id}")
+        if isinstance(node, ast.Attribute) and node.attr in classes | {"registry_name"}:
+            found.append(f"line {node.lineno}: .{node.attr}")
+        if isinstance(node, ast.ImportFrom) and node.module in modules:
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        if isinstance(node, ast.ImportFrom) and node.module == "tokkit.quantizers":
+            hit = {a.name for a in node.names} & (classes | {m.rsplit(".", 1)[-1] for m in modules})
+            found += [f"line {node.lineno}: imports {h}" for h in sorted(hit)]
+        if isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name in modules]
+    any_name, any_class = "|".join(sorted(names)), "|".join(sorted(classes))
+    patterns = [r"quantizer\s*==", rf"==\s*[\"']({any_name})[\"']", rf"isinstance\([^)]*\b({any_class})\b"]
+    for pattern in patterns:
+        found += [f"text: {m.group(0)!r}" for m in re.finditer(pattern, src)]
+    assert not found, f"{filename} names a quantizer family: {found}"
+
+
+def _registered_cases() -> list:
+    return [pytest.param(n, kw, id=f"{n}-{i}") for n in list_quantizers() for i, kw in enumerate(CASES.get(n, []))]
+
+
+@pytest.mark.parametrize("name,kwargs", _registered_cases())
+def test_every_quantizer_answers_the_usage_contract(name: str, kwargs: dict) -> None:
+    q = make(name, kwargs)
+    out = q(torch.randn(2, 6, 3, 4))
+    zero = q.usage_counts(torch.zeros(0, dtype=torch.int64))
+    one = q.usage_counts(out.indices)
+    assert isinstance(zero, dict) and set(zero) == set(one)
+    for key, value in one.items():
+        assert isinstance(value, torch.Tensor) and value.device.type == "cpu", key
+        assert value.shape == zero[key].shape and not zero[key].any(), key  # summable, starting from zeros
+    total = {k: zero[k] + one[k] + one[k] for k in one}
+    report = q.usage_report(total)
+    assert isinstance(report, dict)
+    json.dumps(report)  # JSON-able as it goes into results.json
+    assert not set(report) & {"used", "usage", "perplexity", "entropy_bits", "total", "codebook_size"}
+
+
+def test_the_base_class_reports_nothing_more() -> None:
+    assert Quantizer.usage_counts is Q.VQ.usage_counts and Quantizer.usage_report is Q.VQ.usage_report
+    q = make("vq", CASES["vq"][0])
+    assert q.usage_counts(torch.tensor([1, 2])) == {} and q.usage_report({}) == {}
+
+
+def test_family_reports_sum_over_batches() -> None:
+    lfq = Q.LFQ(dim=3, codebook_size=8)
+    a, b = torch.tensor([0, 1, 2, 3]), torch.tensor([[1, 2]])
+    total = {k: lfq.usage_counts(a)[k] + lfq.usage_counts(b)[k] for k in ("ones", "tokens")}
+    bits = lfq.usage_report(total)["bits"]
+    assert bits["balance"] == pytest.approx([0.0, 3 / 6, 3 / 6]) and bits["dead"] == [0]
+    fsq = Q.FSQ(dim=2, levels=[3, 2])
+    counts = fsq.usage_counts(torch.tensor([0, 1, 2, 3, 3]))  # digits (c0, c1): (0,0) (1,0) (2,0) (0,1) (0,1)
+    lv = fsq.usage_report(counts)["levels"]
+    assert lv["counts"] == [[3, 1, 1], [3, 2]] and lv["used"] == [3, 2]
