@@ -88,3 +88,31 @@ def test_family_reports_sum_over_batches() -> None:
     counts = fsq.usage_counts(torch.tensor([0, 1, 2, 3, 3]))  # digits (c0, c1): (0,0) (1,0) (2,0) (0,1) (0,1)
     lv = fsq.usage_report(counts)["levels"]
     assert lv["counts"] == [[3, 1, 1], [3, 2]] and lv["used"] == [3, 2]
+
+
+# ---- module dependencies ---------------------------------------------------------------------------------------------
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``tokkit`` module ``path`` imports, at module level or inside a function (``TYPE_CHECKING`` too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tokkit"):
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # ``from tokkit import report``
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("tokkit")}
+    return found
+
+
+def test_bench_and_report_do_not_import_each_other() -> None:
+    assert "tokkit.bench" not in imported_modules(ROOT / "report.py")
+    assert "tokkit.bench_types" in imported_modules(ROOT / "report.py")
+    assert not {"tokkit.bench", "tokkit.report"} & imported_modules(ROOT / "bench_types.py")
+
+
+def test_result_types_are_still_importable_from_bench() -> None:
+    import tokkit.bench_types
+    from tokkit.bench import BenchResult, CheckpointResult
+
+    assert BenchResult is tokkit.bench_types.BenchResult and CheckpointResult is tokkit.bench_types.CheckpointResult

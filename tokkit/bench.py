@@ -21,81 +21,23 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from tokkit import metrics as M
+from tokkit.bench_types import BenchResult, CheckpointResult  # re-exported: tokkit.bench.BenchResult
 from tokkit.errors import ConfigError, DataError, OutputError, WeightsError
 from tokkit.progress import Reporter, resolve
 from tokkit.quantizers.base import CodebookUsage, Quantizer
+from tokkit.report import write_outputs
 
 METRICS = ("rfid", "lpips", "psnr", "ssim", "usage")
 GRID_IMAGES = 8
 LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smaller images shrink to nothing inside the backbone
-
-
-@dataclass
-class CheckpointResult:
-    """What ``bench`` measured for one checkpoint.
-
-    Attributes:
-        checkpoint: the checkpoint folder.
-        name: short unique name used in tables and file names.
-        tokenizer: quantizer, codebook size, resolution, token grid, bits per token, tokens per image, bits per pixel.
-        metrics: rfid, lpips, psnr, ssim (means over images), psnr_std, ssim_std; None where unavailable.
-        unavailable: metric -> the one-line reason it could not be computed.
-        usage: codebook usage over the whole set (used, usage, perplexity, entropy_bits, total), plus the
-            quantizer's own ``usage_report`` (e.g. ``bits``: per-bit balance, ``levels``: per-channel level usage).
-        protocol: how the numbers were obtained (images, preprocessing, reference, rounding, weights, versions).
-        files: plot name -> path of the PNG written (empty without ``out``).
-        warnings: one-line cautions about how to read the numbers (e.g. measured on the checkpoint's training
-            images); also in report.md's notes and sent to the reporter.
-    """
-
-    checkpoint: str
-    name: str
-    tokenizer: dict[str, Any]
-    metrics: dict[str, float | None]
-    unavailable: dict[str, str]
-    usage: dict[str, Any]
-    protocol: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    # for the plots, never in results.json: a few inputs / reconstructions uint8 (N, r, r, 3) and the code
-    # counts sorted from most to least frequent
-    grid: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    code_counts: np.ndarray | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (without the plot data)."""
-        d = asdict(self)
-        d.pop("grid")
-        d.pop("code_counts")
-        return d
-
-
-@dataclass
-class BenchResult:
-    """All checkpoints' results, the shared environment record, and the files written."""
-
-    results: list[CheckpointResult]
-    environment: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (the content of results.json)."""
-        return {
-            "format": "tokkit-bench/1",
-            "environment": self.environment,
-            "results": [r.to_dict() for r in self.results],
-            "files": self.files,
-        }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,8 +227,6 @@ def bench(
         del model
     result = BenchResult(results, environment)
     if out_dir is not None:
-        from tokkit.report import write_outputs
-
         write_outputs(result, out_dir)
     return result
 

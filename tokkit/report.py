@@ -15,14 +15,12 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from tokkit.bench_types import BenchResult, CheckpointResult
 from tokkit.errors import OutputError
-
-if TYPE_CHECKING:
-    from tokkit.bench import BenchResult, CheckpointResult
 
 HEADERS = [
     "checkpoint",
