@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,60 @@ def test_result_types_are_still_importable_from_bench() -> None:
     from tokkit.bench import BenchResult, CheckpointResult
 
     assert BenchResult is tokkit.bench_types.BenchResult and CheckpointResult is tokkit.bench_types.CheckpointResult
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The ``tokkit`` modules ``path`` imports when it is itself imported: function bodies (run later, if ever) and
+    ``if TYPE_CHECKING:`` blocks left out."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            return
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        found.update(m for m in _names(node) if m.startswith("tokkit"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def _names(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return {node.module}
+    return {a.name for a in node.names} if isinstance(node, ast.Import) else set()
+
+
+def test_checkpoint_does_not_import_the_tokenizer() -> None:
+    """One direction only: the tokenizer builds on the checkpoint format; the format knows no model.
+
+    The only mention of the tokenizer in checkpoint.py is the module ``__getattr__`` that keeps
+    ``tokkit.checkpoint.load`` / ``load_with_meta`` importable from there.
+    """
+    assert "tokkit.checkpoint" in module_level_imports(ROOT / "models" / "tokenizer.py")
+    assert not any(m.startswith("tokkit.models") for m in module_level_imports(ROOT / "checkpoint.py"))
+    tree = ast.parse((ROOT / "checkpoint.py").read_text())
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name != "__getattr__"):
+        inner = set().union(*(_names(n) for n in ast.walk(fn)))
+        assert not any(m.startswith("tokkit.models") for m in inner), f"checkpoint.{fn.name} imports {inner}"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import tokkit.checkpoint, tokkit.models.tokenizer",
+        "import tokkit.models.tokenizer, tokkit.checkpoint",
+        "from tokkit.checkpoint import load, load_with_meta; import tokkit.models.tokenizer as t;"
+        " assert load is t.load and load_with_meta is t.load_with_meta",
+        "import tokkit; from tokkit.models.tokenizer import load; assert tokkit.load is load",
+        "import tokkit.report, tokkit.bench",
+        "import tokkit.bench, tokkit.report",
+    ],
+)
+def test_imports_in_a_fresh_interpreter(code: str) -> None:
+    root = str(ROOT.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()

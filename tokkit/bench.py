@@ -149,8 +149,9 @@ def bench(
         ConfigError: unknown metric, empty checkpoint list, bad sizes. CheckpointError / DataError: unreadable inputs.
         OutputError: ``out`` is a file, read-only or full (checked before any slow work, and when writing).
     """
-    from tokkit.checkpoint import load, read_checkpoint_meta, resolve_checkpoint_dir
+    from tokkit.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
     from tokkit.data import open_source
+    from tokkit.models.tokenizer import load
     from tokkit.runtime import resolve_device
 
     rep = resolve(reporter)
