@@ -232,12 +232,12 @@ def test_bench_argument_errors(ckpts, images) -> None:
     ],
 )
 def test_bench_numbers_are_checked_before_any_work(ckpts, images, monkeypatch, kwargs, match) -> None:
-    import tokkit.checkpoint
+    import tokkit.models.tokenizer
 
     def no_load(*a, **k):
         raise AssertionError("a checkpoint was loaded before the arguments were checked")
 
-    monkeypatch.setattr(tokkit.checkpoint, "load", no_load)
+    monkeypatch.setattr(tokkit.models.tokenizer, "load", no_load)
     with pytest.raises(ConfigError, match=match) as e:
         bench([ckpts["fsq"]], images, **kwargs)
     assert "\n" not in str(e.value)
@@ -265,12 +265,12 @@ def _fail_on(monkeypatch: pytest.MonkeyPatch, name: str, where: str | Path, err:
 
 
 def _no_checkpoint_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tokkit.checkpoint
+    import tokkit.models.tokenizer
 
     def no_load(*a, **k):
         raise AssertionError("a checkpoint was loaded before --out was checked")
 
-    monkeypatch.setattr(tokkit.checkpoint, "load", no_load)
+    monkeypatch.setattr(tokkit.models.tokenizer, "load", no_load)
 
 
 def test_out_that_is_a_file_is_refused_up_front(ckpts, images, tmp_path, monkeypatch) -> None:

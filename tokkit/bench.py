@@ -21,82 +21,23 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from tokkit import metrics as M
+from tokkit.bench_types import BenchResult, CheckpointResult  # re-exported: tokkit.bench.BenchResult
 from tokkit.errors import ConfigError, DataError, OutputError, WeightsError
 from tokkit.progress import Reporter, resolve
-from tokkit.quantizers.base import CodebookUsage, entropy_bits
+from tokkit.quantizers.base import CodebookUsage, Quantizer
+from tokkit.report import write_outputs
 
 METRICS = ("rfid", "lpips", "psnr", "ssim", "usage")
 GRID_IMAGES = 8
-DEAD_BIT = 0.01  # an LFQ bit whose rarer value has frequency below this carries < 0.081 bits: "dead"
 LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smaller images shrink to nothing inside the backbone
-
-
-@dataclass
-class CheckpointResult:
-    """What ``bench`` measured for one checkpoint.
-
-    Attributes:
-        checkpoint: the checkpoint folder.
-        name: short unique name used in tables and file names.
-        tokenizer: quantizer, codebook size, resolution, token grid, bits per token, tokens per image, bits per pixel.
-        metrics: rfid, lpips, psnr, ssim (means over images), psnr_std, ssim_std; None where unavailable.
-        unavailable: metric -> the one-line reason it could not be computed.
-        usage: codebook usage over the whole set (used, usage, perplexity, entropy_bits, total; ``bits`` for LFQ,
-            ``levels`` for FSQ).
-        protocol: how the numbers were obtained (images, preprocessing, reference, rounding, weights, versions).
-        files: plot name -> path of the PNG written (empty without ``out``).
-        warnings: one-line cautions about how to read the numbers (e.g. measured on the checkpoint's training
-            images); also in report.md's notes and sent to the reporter.
-    """
-
-    checkpoint: str
-    name: str
-    tokenizer: dict[str, Any]
-    metrics: dict[str, float | None]
-    unavailable: dict[str, str]
-    usage: dict[str, Any]
-    protocol: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    # for the plots, never in results.json: a few inputs / reconstructions uint8 (N, r, r, 3) and the code
-    # counts sorted from most to least frequent
-    grid: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    code_counts: np.ndarray | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (without the plot data)."""
-        d = asdict(self)
-        d.pop("grid")
-        d.pop("code_counts")
-        return d
-
-
-@dataclass
-class BenchResult:
-    """All checkpoints' results, the shared environment record, and the files written."""
-
-    results: list[CheckpointResult]
-    environment: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (the content of results.json)."""
-        return {
-            "format": "tokkit-bench/1",
-            "environment": self.environment,
-            "results": [r.to_dict() for r in self.results],
-            "files": self.files,
-        }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,62 +45,30 @@ class BenchResult:
 
 
 class TokenUsage:
-    """Code counts over a whole set, plus per-bit balance (LFQ) or per-dimension level usage (FSQ).
+    """Code counts over a whole set, plus whatever the quantizer counts of its own (``Quantizer.usage_counts``).
 
     Args:
-        quantizer: the tokenizer's quantizer (its ``registry_name``, ``codebook_size``; ``bits`` for LFQ,
-            ``levels`` and ``indices_to_levels`` for FSQ).
+        quantizer: the tokenizer's quantizer (its ``codebook_size``, ``usage_counts`` and ``usage_report``).
     """
 
-    def __init__(self, quantizer: torch.nn.Module) -> None:
+    def __init__(self, quantizer: Quantizer) -> None:
         self.quantizer = quantizer
-        self.kind = getattr(quantizer, "registry_name", "")
         self.codes = CodebookUsage(int(quantizer.codebook_size))
-        self.bits = int(quantizer.bits) if self.kind == "lfq" else 0
-        self.levels = [int(v) for v in quantizer.levels] if self.kind == "fsq" else []
-        self._ones = torch.zeros(self.bits, dtype=torch.int64)  # (K_bits,) how often each bit is 1
-        self._level_counts = torch.zeros(len(self.levels), max(self.levels, default=1), dtype=torch.int64)  # (d, Lmax)
-        self._tokens = 0
+        self._own = quantizer.usage_counts(torch.zeros(0, dtype=torch.int64))  # the zeros of each family count
 
     def update(self, indices: Tensor) -> None:
         """Add a batch of indices (B, h, w[, G])."""
         flat = indices.detach().reshape(-1)  # (N,)
         self.codes.update(flat)
-        self._tokens += flat.numel()
-        if self.bits:
-            from tokkit.quantizers.lfq import indices_to_bits
-
-            self._ones += indices_to_bits(flat, self.bits).sum(0).cpu()  # (N, bits) -> (bits,)
-        if self.levels:
-            lv = torch.tensor(self.levels, device=flat.device)
-            norm = self.quantizer.indices_to_levels(flat)  # (N, d) in [-1, 1]
-            digits = (norm * (lv // 2)).round().long() + lv // 2  # (N, d) in [0, L_d)
-            for d in range(len(self.levels)):
-                self._level_counts[d] += torch.bincount(digits[:, d], minlength=self._level_counts.shape[1]).cpu()
+        for key, value in self.quantizer.usage_counts(flat).items():
+            self._own[key] = self._own[key] + value
 
     def compute(self) -> dict[str, Any]:
-        """The usage summary (see ``CheckpointResult.usage``) and the sorted code counts under ``counts``."""
+        """The usage summary (see ``CheckpointResult.usage``), with the quantizer's own report merged in."""
         out: dict[str, Any] = dict(self.codes.compute())
         out["codebook_size"] = self.codes.codebook_size
         out["max_entropy_bits"] = math.log2(self.codes.codebook_size)
-        if self.bits:
-            p = (self._ones.double() / max(self._tokens, 1)).tolist()
-            per_bit = [entropy_bits([q, 1 - q]) for q in p]
-            out["bits"] = {
-                "balance": p,
-                "dead": [i for i, q in enumerate(p) if min(q, 1 - q) < DEAD_BIT],
-                "entropy_bits": per_bit,
-                "sum_entropy_bits": float(sum(per_bit)),
-            }
-        if self.levels:
-            rows = [self._level_counts[d, :L].numpy() for d, L in enumerate(self.levels)]
-            out["levels"] = {
-                "levels": self.levels,
-                "used": [int((r > 0).sum()) for r in rows],
-                "entropy_bits": [entropy_bits(r) for r in rows],
-                "max_entropy_bits": [math.log2(L) for L in self.levels],
-                "counts": [r.tolist() for r in rows],
-            }
+        out.update(self.quantizer.usage_report(self._own))
         return out
 
 
@@ -240,8 +149,9 @@ def bench(
         ConfigError: unknown metric, empty checkpoint list, bad sizes. CheckpointError / DataError: unreadable inputs.
         OutputError: ``out`` is a file, read-only or full (checked before any slow work, and when writing).
     """
-    from tokkit.checkpoint import load, read_checkpoint_meta, resolve_checkpoint_dir
+    from tokkit.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
     from tokkit.data import open_source
+    from tokkit.models.tokenizer import load
     from tokkit.runtime import resolve_device
 
     rep = resolve(reporter)
@@ -318,8 +228,6 @@ def bench(
         del model
     result = BenchResult(results, environment)
     if out_dir is not None:
-        from tokkit.report import write_outputs
-
         write_outputs(result, out_dir)
     return result
 

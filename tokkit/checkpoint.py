@@ -5,8 +5,13 @@
     {"format": "tokkit-checkpoint/1", "tokkit_version": "0.1.0", "tokenizer": {...TokenizerConfig...},
      "weights_sha256": "...", "extra": {...optional, e.g. the training step...}}
 
-A run folder (``runs/<name>/``) holds its checkpoint in ``checkpoint/``; ``load`` and ``read_checkpoint_meta``
-accept either the checkpoint folder or the run folder.
+A run folder (``runs/<name>/``) holds its checkpoint in ``checkpoint/``; ``load_checkpoint`` and
+``read_checkpoint_meta`` accept either the checkpoint folder or the run folder.
+
+This module knows the folder format and no model: ``save_checkpoint`` takes any module with a ``.config``, and
+``load_checkpoint`` takes the function that builds the model. ``tokkit.models.tokenizer`` builds on it
+(``Tokenizer.save``, ``load``, ``load_with_meta``); it never imports the tokenizer, except to keep
+``tokkit.checkpoint.load`` / ``load_with_meta`` working for code that imports them from here.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from tokkit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from tokkit.config import TokenizerConfig
 
 FORMAT = "tokkit-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -183,31 +192,33 @@ def read_checkpoint_meta(path: str | Path, verify: bool = True) -> dict[str, Any
     return meta
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint folder as a ``Tokenizer`` in eval mode (also ``tokkit.load``).
+def load_checkpoint(
+    path: str | Path, build: Callable[[TokenizerConfig], nn.Module], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a model from a checkpoint folder's config and load its weights into it, in eval mode.
+
+    This module knows the folder format, not the model: ``tokkit.models.tokenizer.load`` passes ``Tokenizer``.
 
     Args:
         path: checkpoint folder, or a run folder holding ``checkpoint/``.
+        build: makes the (randomly initialised) model from the ``TokenizerConfig`` in config.json.
         device: where to put the model.
+
+    Returns:
+        The model and the validated ``config.json`` content (so callers need not read and hash it again).
 
     Raises:
         CheckpointError: see ``read_checkpoint_meta``; also weights that do not fit the config.
     """
-    return load_with_meta(path, device)[0]
-
-
-def load_with_meta(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """``load``, also returning the validated ``config.json`` content (so callers need not read and hash it again)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from tokkit.config import TokenizerConfig
-    from tokkit.models.tokenizer import Tokenizer
     from tokkit.runtime import resolve_device
 
     d = resolve_checkpoint_dir(path)
     meta = read_checkpoint_meta(d)
-    model = Tokenizer(TokenizerConfig.from_dict(meta["tokenizer"]))
+    model = build(TokenizerConfig.from_dict(meta["tokenizer"]))
     try:
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -220,11 +231,23 @@ def load_with_meta(path: str | Path, device: str | torch.device = "cpu") -> tupl
     return model.to(resolve_device(device)).eval(), meta
 
 
+# ``load`` and ``load_with_meta`` build a ``Tokenizer``, so they live in ``tokkit.models.tokenizer`` (which imports
+# this module); these names stay here for the code that imports them from ``tokkit.checkpoint``.
+_MOVED = {"load", "load_with_meta"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from tokkit.models import tokenizer
+
+        return getattr(tokenizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "atomic_replace_dir",
     "fsync_dir",
-    "load",
-    "load_with_meta",
+    "load_checkpoint",
     "read_checkpoint_meta",
     "resolve_checkpoint_dir",
     "save_checkpoint",

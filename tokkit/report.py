@@ -1,7 +1,9 @@
 """Writing a ``BenchResult`` down: results.json, report.md and the PNGs (matplotlib, Agg backend).
 
 Plots: a reconstruction grid per checkpoint (input / reconstruction / error map), one sorted code-frequency curve
-(log-log) with every checkpoint, the per-bit balance of LFQ checkpoints and the per-dimension level usage of FSQ ones.
+(log-log) with every checkpoint, and, where a quantizer's ``usage_report`` gave them, the per-bit balance (``bits``)
+and the per-channel level usage (``levels``). Which sections exist is read from the data, never from the quantizer's
+name; the labels in report.md and the plot titles name the kind of quantizer such a section comes from.
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from tokkit.bench_types import BenchResult, CheckpointResult
 from tokkit.errors import OutputError
-
-if TYPE_CHECKING:
-    from tokkit.bench import BenchResult, CheckpointResult
 
 HEADERS = [
     "checkpoint",
@@ -302,7 +302,7 @@ def plot_code_frequency(plt: Any, results: list[CheckpointResult]) -> Any:
 
 
 def plot_bit_balance(plt: Any, r: CheckpointResult) -> Any:
-    """Per-bit share of ones for an LFQ checkpoint; 0.5 is ideal, dead bits in red."""
+    """Per-bit share of ones (the ``bits`` usage section); 0.5 is ideal, dead bits in red."""
     b = r.usage["bits"]
     p = np.asarray(b["balance"])
     colors = ["tab:red" if i in set(b["dead"]) else "tab:blue" for i in range(p.size)]
@@ -318,7 +318,7 @@ def plot_bit_balance(plt: Any, r: CheckpointResult) -> Any:
 
 
 def plot_level_usage(plt: Any, r: CheckpointResult) -> Any:
-    """Share of tokens at each level, one panel per FSQ dimension."""
+    """Share of tokens at each level, one panel per quantized channel (the ``levels`` usage section)."""
     lv = r.usage["levels"]
     d = len(lv["levels"])
     fig, axes = plt.subplots(1, d, figsize=(2.0 * d + 1, 2.8), squeeze=False, sharey=True)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from tokkit.checkpoint import load_checkpoint, save_checkpoint
 from tokkit.config import TokenizerConfig
 from tokkit.data.images import BadImage, _first_line, _to_rgb, _upright, decode_image
 from tokkit.data.inputs import max_input_bytes, read_regular_file
@@ -255,19 +256,33 @@ class Tokenizer(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint folder (model.safetensors + config.json); see ``tokkit.checkpoint``."""
-        from tokkit.checkpoint import save_checkpoint
-
         return save_checkpoint(self, path)
 
     def _check_images(self, images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
-            raise ConfigError(
-                f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}"
-            )
+            raise ConfigError(f"expected images (B, {self.config.in_channels}, H, W), got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ConfigError(
                 f"expected float images in [-1, 1], got {images.dtype}: convert uint8 with tokkit.data.to_float"
             )
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
+    """Load a checkpoint folder as a ``Tokenizer`` in eval mode (also ``tokkit.load``).
+
+    Args:
+        path: checkpoint folder, or a run folder holding ``checkpoint/``.
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: see ``tokkit.checkpoint.read_checkpoint_meta``; also weights that do not fit the config.
+    """
+    return load_with_meta(path, device)[0]
+
+
+def load_with_meta(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tokenizer, dict[str, Any]]:
+    """``load``, also returning the validated ``config.json`` content (so callers need not read and hash it again)."""
+    return load_checkpoint(path, Tokenizer, device)
 
 
 # what ``encode_images`` takes as one image
@@ -321,4 +336,12 @@ def _rgb_image(x: Any, key: str) -> Image.Image:
     raise ConfigError(f"{key}: encode_images takes paths, PIL images or uint8 arrays, not {type(x).__name__}")
 
 
-__all__ = ["ImageInput", "Tokenizer", "decoder_kwargs", "encoder_kwargs", "quantizer_from_config"]
+__all__ = [
+    "ImageInput",
+    "Tokenizer",
+    "decoder_kwargs",
+    "encoder_kwargs",
+    "load",
+    "load_with_meta",
+    "quantizer_from_config",
+]

@@ -11,6 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,7 +102,8 @@ class Quantizer(nn.Module):
     Subclasses set ``dim`` (input channels D), ``codebook_size`` (K) and ``num_groups`` (G, the size of the last index
     axis; 1 means no extra axis), and implement ``quantize`` and ``indices_to_codes``. ``forward`` enforces the
     contract: input rank and width checks, float32 math even under autocast, output codes cast back to the input
-    dtype, int64 indices.
+    dtype, int64 indices. A family with statistics of its own over a whole evaluation set (LFQ's per-bit balance, FSQ's
+    level usage) overrides ``usage_counts`` and ``usage_report``, so that callers never ask which family it is.
 
     Non-finite input (a diverging run) must not raise, in training or eval mode: every index stays in
     [0, codebook_size), the codes and loss of those tokens may be non-finite (so the training loop sees the
@@ -144,6 +146,19 @@ class Quantizer(nn.Module):
             )
         if not x.is_floating_point():
             raise ConfigError(f"{type(self).__name__} expects a floating-point tensor, got {x.dtype}")
+
+    def usage_counts(self, indices: Tensor) -> dict[str, Tensor]:
+        """Family-specific counts of one batch of indices (any shape), summed over a whole set by the caller.
+
+        ``bench`` sums the returned CPU tensors key by key over every batch and hands the totals to ``usage_report``;
+        called on an empty tensor it gives the zeros to start from. The code counts themselves are
+        ``CodebookUsage``'s; the base class counts nothing more.
+        """
+        return {}
+
+    def usage_report(self, counts: dict[str, Tensor]) -> dict[str, Any]:
+        """JSON-able summary of ``usage_counts`` summed over a set, merged into bench's usage record; {} here."""
+        return {}
 
     def forward(self, x: Tensor) -> QuantizerOutput:
         """(B, D, *S) -> QuantizerOutput; see ``QuantizerOutput`` for the shapes."""

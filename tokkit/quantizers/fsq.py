@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tokkit.errors import ConfigError
-from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
+from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, entropy_bits, register_quantizer
 
 # the paper's recommended levels per target codebook size (Table 1 of Mentzer et al.)
 FSQ_LEVELS: dict[int, list[int]] = {
@@ -169,17 +170,38 @@ class FSQ(Quantizer):
         stats = batch_usage_stats(indices, self.codebook_size)
         return QuantizerOutput(codes=self._project_out(codes), indices=indices, loss=x.new_zeros(()), stats=stats)
 
+    def _digit_counts(self, indices: Tensor) -> Tensor:
+        """(...,) int indices -> (d, max(levels)) int64: how often each channel takes each digit (level)."""
+        d, top = self.codebook_dim, int(max(self.levels))
+        digits = torch.div(indices.long().reshape(-1, 1), self._basis, rounding_mode="floor") % self._levels  # (N, d)
+        slots = (digits + torch.arange(d, device=digits.device) * top).flatten()  # channel c -> [c*top, (c+1)*top)
+        return torch.bincount(slots, minlength=d * top).view(d, top)  # (d, top)
+
     def level_usage(self, indices: Tensor) -> Tensor:
         """(...,) int indices -> (d,) fraction of each channel's levels they use.
 
         Not part of ``forward``'s stats (it would cost as much as the quantization itself); call it on the indices of
         an evaluation run.
         """
-        d, top = self.codebook_dim, int(max(self.levels))
-        digits = torch.div(indices.long().reshape(-1, 1), self._basis, rounding_mode="floor") % self._levels  # (N, d)
-        slots = (digits + torch.arange(d, device=digits.device) * top).flatten()  # channel c -> [c*top, (c+1)*top)
-        used = torch.bincount(slots, minlength=d * top).view(d, top) > 0  # (d, top)
-        return used.sum(1).float() / self._levels.float()
+        return (self._digit_counts(indices) > 0).sum(1).float() / self._levels.float()
+
+    def usage_counts(self, indices: Tensor) -> dict[str, Tensor]:
+        """``{"levels": (d, max(levels))}``: how often each channel takes each level, on the CPU."""
+        return {"levels": self._digit_counts(indices).cpu()}
+
+    def usage_report(self, counts: dict[str, Tensor]) -> dict[str, Any]:
+        """``{"levels": ...}``: per channel its levels, the levels used, their entropy (of at most log2 L bits) and
+        the count of each level."""
+        rows = [counts["levels"][d, :L].numpy() for d, L in enumerate(self.levels)]
+        return {
+            "levels": {
+                "levels": list(self.levels),
+                "used": [int((r > 0).sum()) for r in rows],
+                "entropy_bits": [entropy_bits(r) for r in rows],
+                "max_entropy_bits": [math.log2(L) for L in self.levels],
+                "counts": [r.tolist() for r in rows],
+            }
+        }
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, *S) int -> (B, D, *S) float32, equal to ``forward``'s codes."""

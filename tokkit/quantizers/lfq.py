@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ from torch import Tensor, nn
 
 from tokkit.distributed import all_reduce_mean_, dist_ready
 from tokkit.errors import ConfigError
-from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
+from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, entropy_bits, register_quantizer
+
+DEAD_BIT = 0.01  # a bit whose rarer value has frequency below this carries < 0.081 bits: "dead"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # bit <-> index helpers (channel / bit 0 is the most significant bit)
@@ -265,6 +268,26 @@ class LFQ(Quantizer):
         stats["bit_balance"] = balance
         stats["dead_bits"] = ((balance == 0) | (balance == 1)).sum().float()
         return QuantizerOutput(codes=self._project_out(codes), indices=indices, loss=loss, stats=stats)
+
+    def usage_counts(self, indices: Tensor) -> dict[str, Tensor]:
+        """``{"ones": (bits,), "tokens": ()}``: how often each bit is 1, and the number of tokens, on the CPU."""
+        flat = indices.detach().reshape(-1)  # (N,)
+        ones = indices_to_bits(flat, self.bits).sum(0)  # (N, bits) -> (bits,)
+        return {"ones": ones.cpu(), "tokens": torch.tensor(flat.numel(), dtype=torch.int64)}
+
+    def usage_report(self, counts: dict[str, Tensor]) -> dict[str, Any]:
+        """``{"bits": ...}``: per bit its share of ones (``balance``), entropy in bits, their sum, and the ``dead``
+        bits (rarer value below ``DEAD_BIT``)."""
+        p = (counts["ones"].double() / max(int(counts["tokens"]), 1)).tolist()
+        per_bit = [entropy_bits([q, 1 - q]) for q in p]
+        return {
+            "bits": {
+                "balance": p,
+                "dead": [i for i, q in enumerate(p) if min(q, 1 - q) < DEAD_BIT],
+                "entropy_bits": per_bit,
+                "sum_entropy_bits": float(sum(per_bit)),
+            }
+        }
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, *S) int -> (B, D, *S) float32, equal to ``forward``'s codes."""
