@@ -29,7 +29,7 @@ __version__ = "0.2.0"
 # name -> module that defines it; imported on first use so that `import tokkit` stays light
 _LAZY = {
     "Tokenizer": "tokkit.models.tokenizer",
-    "load": "tokkit.checkpoint",
+    "load": "tokkit.models.tokenizer",
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
     "ShardSampler": "tokkit.sampler",

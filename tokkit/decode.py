@@ -180,7 +180,7 @@ def decode_tokens(
         ShardError: tokens that do not fit the tokenizer (grid or codebook), an unreadable shard set, or an output
             that cannot be written (no space, read-only): files already written are complete.
     """
-    from tokkit.checkpoint import load_with_meta
+    from tokkit.models.tokenizer import load_with_meta
     from tokkit.runtime import resolve_device
 
     out = Path(out)

@@ -368,7 +368,7 @@ def encode_dataset(
         CheckpointError: bad checkpoint.
     """
     from tokkit import distributed as tdist
-    from tokkit.checkpoint import load_with_meta
+    from tokkit.models.tokenizer import load_with_meta
 
     t0 = time.perf_counter()
     rep = resolve(reporter)
