@@ -40,7 +40,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def fail_at(monkeypatch: pytest.MonkeyPatch, n: int, code: int = errno.ENOSPC) -> list[str]:
     """Make the n-th file write (1-based) and every later one fail with ``code``; returns the names written."""
-    real, seen = tokkit.shards._write_file, []
+    real, seen = tokkit.shards.write_durable, []
 
     def write(path: Path, data: bytes, fsync: bool) -> None:
         seen.append(path.name)
@@ -48,7 +48,7 @@ def fail_at(monkeypatch: pytest.MonkeyPatch, n: int, code: int = errno.ENOSPC) -
             raise OSError(code, __import__("os").strerror(code), str(path))
         real(path, data, fsync)
 
-    monkeypatch.setattr(tokkit.shards, "_write_file", write)
+    monkeypatch.setattr(tokkit.shards, "write_durable", write)
     return seen
 
 

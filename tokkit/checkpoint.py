@@ -22,7 +22,8 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,12 +64,28 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` and fsync it (a full disk raises here, not later)."""
+def write_durable(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it (a full disk raises here, not later); ``fsync=False`` skips
+    the sync where a file that exists is complete enough (one small file per image)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary ``.NAME.tmp-XXXXXXXX`` beside ``path`` to write; renamed onto ``path`` when the block succeeds,
+    removed when it fails (``path`` is then untouched). Errors propagate as they are."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with suppress(OSError):
+            if tmp.exists():  # only after a failure: os.replace consumed it otherwise
+                tmp.unlink()
 
 
 def atomic_replace_dir(tmp: Path, dest: Path) -> None:
@@ -253,5 +270,6 @@ __all__ = [
     "save_checkpoint",
     "sha256_file",
     "write_checkpoint_dir",
+    "atomic_path",
     "write_durable",
 ]

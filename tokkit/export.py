@@ -35,13 +35,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,6 +50,7 @@ from tokkit.errors import ConfigError, ShardError
 from tokkit.progress import Reporter
 from tokkit.shards import (
     SHARD_DIR,
+    atomic_output,
     atomic_write_bytes,
     canonical_json,
     check_ids,
@@ -166,20 +164,6 @@ class _Block:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds, removed if not."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with writing(path):
-            yield tmp
-            os.replace(tmp, path)
-    finally:
-        with suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
@@ -240,7 +224,7 @@ def _jsonl(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
     path = out / f"tokens-{block.id:06d}.jsonl"
     if not _todo(path, overwrite):
         return 0, 1
-    with _atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         for row in range(block.n):
             views = block.codes[row].tolist()  # V lists of L ids
             tokens = views if block.views_axis else views[0]
@@ -254,7 +238,7 @@ def _webdataset(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
     if not _todo(path, overwrite):
         return 0, 1
     grid = block.grid.astype(block.index_dtype())  # (n, V, *index_shape)
-    with _atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_output(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for row in range(block.n):
             key = f"{block.start + row:09d}"
             tokens = grid[row] if block.views_axis else grid[row, 0]
@@ -285,7 +269,7 @@ def _parquet(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
             "tokens": pa.ListArray.from_arrays(offsets, values),
         }
     ).replace_schema_metadata({"tokkit": json.dumps(meta)})
-    with _atomic_path(path) as tmp:
+    with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
     return 1, 0
 

@@ -8,7 +8,6 @@ name; the labels in report.md and the plot titles name the kind of quantizer suc
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -20,6 +19,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tokkit.bench_types import BenchResult, CheckpointResult
+from tokkit.checkpoint import atomic_path
 from tokkit.errors import OutputError
 
 HEADERS = [
@@ -128,24 +128,13 @@ def write_outputs(result: BenchResult, out: Path) -> None:
 
 def _write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """``write(file)`` into a temporary file beside ``path``, then rename it into place; ``OutputError`` on failure."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        _remove_quietly(tmp)
         raise _output_error(path, e) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
 
 
 def _output_error(path: Path, e: OSError) -> OutputError:

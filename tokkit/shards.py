@@ -28,9 +28,8 @@ import json
 import os
 import re
 import shlex
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tokkit.checkpoint import sha256_file
+from tokkit.checkpoint import atomic_path, sha256_file, write_durable
 from tokkit.errors import ShardError
 
 FORMAT = "tokkit-shards/1"
@@ -158,12 +157,11 @@ def writing(path: Path | str) -> Iterator[None]:
         raise ShardError(write_failure(e, path)) from None
 
 
-def _write_file(path: Path, data: bytes, fsync: bool) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """``checkpoint.atomic_path`` whose failed write (no space, read-only ...) is a one-line ``ShardError``."""
+    with writing(path), atomic_path(path) as tmp:
+        yield tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
@@ -172,15 +170,8 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
     A failed write (no space, read-only ...) removes its temporary and raises a one-line ``ShardError``; ``path`` is
     then untouched. A temporary left by ``kill -9`` is removed by ``remove_temporaries`` on the next run.
     """
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with writing(path):
-            _write_file(tmp, data, fsync)
-            os.replace(tmp, path)
-    finally:
-        with suppress(OSError):
-            if tmp.exists():  # only after a failure: os.replace consumed it otherwise
-                tmp.unlink()
+    with atomic_output(path) as tmp:
+        write_durable(tmp, data, fsync)
 
 
 def temporaries_of(folder: str | Path, ours: Callable[[str], bool]) -> list[Path]:
