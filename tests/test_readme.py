@@ -64,6 +64,8 @@ SCALE: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     # train_speed --quick: 2 timed steps and 6 training steps of the tiny model
     (r"^(python benchmarks/train_speed\.py.*)$", rf"\1 --steps 2 --train-steps 6 {TINY_SPEED}"),
     (r"\.\./shared/", f"{SHARED_ASSETS.parent}/"),
+    # the same walk-through on every CI machine: a visible GPU would otherwise turn on cuda and train.compile
+    (r"^(tokkit (?:train|encode|decode|bench)\b.*)$", r"\1 --device cpu"),
 ]
 
 
@@ -95,7 +97,8 @@ def test_readme_shell_blocks_are_all_bash() -> None:
 def test_scaled_commands_are_the_readme_commands() -> None:
     """The substitutions only shrink sizes: the command and its subcommand stay the README's."""
     assert scaled("tokkit train").startswith("tokkit train --steps 2 ")
-    assert scaled("tokkit train --out runs/x --resume --steps 1200") == "tokkit train --out runs/x --resume --steps 4"
+    resume = scaled("tokkit train --out runs/x --resume --steps 1200")
+    assert resume == "tokkit train --out runs/x --resume --steps 4 --device cpu"
     bench = scaled("python benchmarks/encode.py --which both --limit 3000 --repeats 2")
     assert bench == "python benchmarks/encode.py --which cifar --repeats 2 --limit 4 --batch-size 2"
 
