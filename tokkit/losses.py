@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tokkit.distributed import all_reduce_mean_
 from tokkit.errors import ConfigError, WeightsError
 from tokkit.progress import Reporter, resolve
-from tokkit.quantizers.base import all_reduce_mean_
 
 
 def reconstruction_loss(reconstruction: Tensor, target: Tensor, kind: str = "l1") -> Tensor:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tokkit.quantizers.base import all_reduce_sum_, entropy_bits
+from tokkit.distributed import all_reduce_sum_
+from tokkit.quantizers.base import entropy_bits
 from tokkit.train_step import USAGE_LIMIT
 
 

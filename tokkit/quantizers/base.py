@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tokkit.distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, dist_ready  # noqa: F401 (re-exported)
+from tokkit.distributed import all_reduce_sum_, dist_ready
 from tokkit.errors import ConfigError
 
 
