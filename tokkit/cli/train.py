@@ -128,7 +128,7 @@ def train(
     # the train section is checked alone first: it needs no torch (the tokenizer section builds a quantizer)
     apply_overrides({"train": TrainConfig()}, [s for s in sets if s.startswith("train.")])
     frozen = parse_freeze(freeze)
-    if init_from is not None:
+    if init_from is not None and not resume:  # a resume never reads it (it may be gone): run.json has its record
         check_init_path(init_from)
     if frozen and init_from is None and not resume:
         raise ConfigError("--freeze needs --init-from CHECKPOINT: a part frozen at its random start never learns")
