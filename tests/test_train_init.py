@@ -94,6 +94,7 @@ def test_frozen_codebook_fine_tune_keeps_ids_decodable_by_the_original(base):
     sha = json.loads((src / "checkpoint" / "config.json").read_text())["weights_sha256"]
     rec = json.loads((root / "ft-q" / "run.json").read_text())
     assert rec["init_from"] == {"source": str(src.resolve()), "sha256": sha} and rec["freeze"] == ["quantizer"]
+    assert result.init_from == rec["init_from"] and result.freeze == ["quantizer"]
     extra = json.loads((result.checkpoint / "config.json").read_text())["extra"]
     assert extra["init_from"]["sha256"] == sha and extra["freeze"] == ["quantizer"]
 

@@ -1,6 +1,9 @@
 """torch.distributed helpers: init from torchrun's environment, rank queries, and the ``--nproc-per-node`` relaunch.
 
-Without torchrun's variables everything runs single-process (rank 0 of 1) and every helper is a no-op.
+Without torchrun's variables everything runs single-process (rank 0 of 1) and every helper is a no-op. More than one
+machine: every node runs the same command with its own ``Nodes`` (``--nnodes N --node-rank R --master-addr HOST
+--master-port PORT``), relaunched under torchrun's static rendezvous at node 0; the run folder (or shard set) and the
+data must be at the same path on a file system that every node sees.
 
 The relaunch is a chain ``tokkit`` (the launcher) -> torchrun -> ranks, and the chain dies as one: torchrun gets
 SIGKILL when the launcher dies (Linux ``PR_SET_PDEATHSIG``), and each rank watches its parent and kills itself when

@@ -92,6 +92,8 @@ class TrainResult:
         perceptual: whether the LPIPS loss was used.
         resumed_from: the step this call started from (0 for a fresh run).
         data: the training data, as recorded in run.json.
+        init_from: the tokenizer the run started from (``{"source", "sha256"}``), None for a run from scratch.
+        freeze: the frozen parts.
     """
 
     out_dir: Path
@@ -106,6 +108,8 @@ class TrainResult:
     perceptual: bool = False
     resumed_from: int = 0
     data: str = ""
+    init_from: dict[str, str] | None = None
+    freeze: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -532,6 +536,7 @@ def train(
             grids=grids, seconds=time.perf_counter() - t_start,
             images_per_second=img_total / max(time.perf_counter() - t_loop, 1e-9), bad_images=len(st.bad),
             perceptual=perceptual is not None, resumed_from=resumed_from, data=data_spec_,
+            init_from=origin.get("init_from"), freeze=list(frozen),
         )  # fmt: skip
     except OSError as e:
         err = _storage_error(e, out, saved)

@@ -181,7 +181,8 @@ def train(
     rows = [
         ("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))"),
         ("data", result.data),
-        *([("started from", f"{init.source} (frozen: {', '.join(frozen) or 'nothing'})")] if init else []),
+        *([("started from", f"{result.init_from['source']} (frozen: {', '.join(result.freeze) or 'nothing'})")]
+          if result.init_from else []),
         ("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")),
     ]
     if m:
