@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import tokkit
 from tokkit.cli.app import app
 from tokkit.config import TokenizerConfig, TrainConfig
-from tokkit.errors import ConfigError
+from tokkit.errors import CheckpointError, ConfigError
 from tokkit.progress import Reporter
 from tokkit.train import train
 from tokkit.train_init import freeze, parse_freeze, read_init
@@ -215,3 +215,20 @@ def test_resume_after_a_kill_never_reads_the_source_again(base, tmp_path):
     # resuming with another --freeze is refused in one line
     other = CliRunner().invoke(app, [*args(tmp_path / "killed"), "--resume", "--freeze", "encoder"])
     assert other.exit_code == 2 and "drop --freeze" in other.stderr
+
+
+def test_resume_before_the_first_save_reads_the_source_again_and_checks_it(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "src")
+    data = tmp_path / "b.npy"
+    np.save(data, _blocks(16, 4, seed=3))
+    out = tmp_path / "run"
+    train(None, _cfg(2, batch_size=4), str(data), out, device="cpu", init_from=src, freeze=["encoder"])
+    shutil.rmtree(out / "train_state")
+    shutil.rmtree(out / "checkpoint")  # as if killed before its first save: only run.json is left
+    again = train(None, _cfg(2, batch_size=4), None, out, resume=True, device="cpu")
+    assert again.step == 2 and again.freeze == ["encoder"] and again.init_from["source"] == str(src.resolve())
+    shutil.rmtree(out / "train_state")
+    shutil.rmtree(out / "checkpoint")
+    make_tiny_checkpoint(src, seed=1)  # the source changed since the run started
+    with pytest.raises(CheckpointError, match="changed since the run started"):
+        train(None, _cfg(2, batch_size=4), None, out, resume=True, device="cpu")
