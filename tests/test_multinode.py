@@ -156,8 +156,9 @@ def test_two_nodes_encode_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_nodes_train_two_steps(tmp_path):
-    out = tmp_path / "run"
-    args = ["train", "--data", "sample", "--out", str(out), "--steps", "2", "--batch-size", "2", "--device", "cpu",
+    out, data = tmp_path / "run", tmp_path / "images.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8))
+    args = ["train", "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2", "--device", "cpu",
             "--perceptual", "none", "--quiet", *tiny_train_sets("train.log_every=1", "train.cpu_threads=1")]
     nodes = _two_nodes(args, _env(tmp_path))
     for rank, p in enumerate(nodes):
