@@ -14,12 +14,17 @@ from tokkit.cli.common import (
     CheckpointArg,
     DeviceOpt,
     JsonOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    NnodesOpt,
+    NodeRankOpt,
     NprocOpt,
     QuietOpt,
     RichReporter,
     WorkersOpt,
     cap_workers,
     handle_errors,
+    launch,
     library_default,
 )
 from tokkit.cli.output import emit_facts, emit_json
@@ -68,6 +73,10 @@ def encode(
         ),
     ] = False,
     nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -75,10 +84,9 @@ def encode(
 
     A rerun re-checks committed shards (sizes, headers) and re-encodes any that fail; --repair also re-hashes them.
     """
-    from tokkit import distributed as tdist
     from tokkit.encode import encode_dataset
 
-    if nproc_per_node > 1:
+    if nproc_per_node > 1 or (nnodes, node_rank, master_addr, master_port) != (1, 0, None, None):
         args = [
             "encode", str(checkpoint), str(data), "--out", str(out), "--shard-size", str(shard_size),
             *(["--batch-size", str(batch_size)] if batch_size else []),
@@ -87,7 +95,7 @@ def encode(
             *(["--overwrite"] if overwrite else []), *(["--repair"] if repair else []), *(["--quiet"] if quiet else []),
             *(["--json"] if json_out else []),
         ]  # fmt: skip
-        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
+        launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     result = encode_dataset(
         checkpoint, data, out, shard_size=shard_size,
