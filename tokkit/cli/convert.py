@@ -78,5 +78,5 @@ def convert(
     typer.echo(
         f"converted {res.family.name} {res.variant} -> {res.out}: {params / 1e6:.1f}M params, {h}x{w} tokens at "
         f"{tok.resolution} px, {tok.codebook_size} codes ({tok.bits_per_token:.3g} bits), "
-        f"{prov['license']} license, source sha256 {prov['sha256'][:12]}"
+        f"license {prov['license']}, source sha256 {prov['sha256'][:12]}"
     )
