@@ -199,7 +199,7 @@ def convert_source(
     rep = reporter or Reporter()
     if out is not None and Path(out).exists() and not overwrite:
         raise OutputError(f"{out} exists: choose another --out, or pass --force to replace it")
-    rep.start("read", 3 if out is not None else 2)
+    rep.start("convert", 3 if out is not None else 2)
     src: PeerSource = read_source(source, config)
     rep.advance(1)
     fam = get_family(family) if family else detect_family(src.state, src.extra, src.name)

@@ -160,7 +160,13 @@ def _hub_errors(hub: Any) -> tuple[type[BaseException], ...]:
     names = ("LocalEntryNotFoundError", "EntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
              "HfHubHTTPError", "OfflineModeIsEnabled")  # fmt: skip
     found = [getattr(hub.errors, n) for n in names if hasattr(getattr(hub, "errors", None), n)]
-    return (*found, OSError, ValueError)  # connection errors are OSErrors; a malformed repo id a ValueError
+    try:
+        import httpx  # huggingface_hub >= 1.0 talks through httpx, whose connection errors are not OSErrors
+
+        found.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return (*found, OSError, ValueError)  # requests' connection errors are OSErrors; a malformed repo id a ValueError
 
 
 def _not_cached(repo: str, filename: str | None, subfolder: str | None, cache_dir: str | None) -> str:
@@ -221,7 +227,11 @@ def load_pickle_weights(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", text)
-        what = (m.group(1) or m.group(2)) if m else "a class outside torch's allowlist"
+        if m is None:  # not a class: a damaged or foreign file ("Unsupported operand 110")
+            why = re.search(r"(Unsupported operand \w+|invalid load key[^\n]*)", text)
+            detail = why.group(1) if why else "unpickling failed"
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({detail})") from None
+        what = m.group(1) or m.group(2)
         raise CheckpointError(
             f"{path}: refused: it needs {what}, which a weights-only read does not allow (tokkit never unpickles "
             "code); re-save its state_dict with torch.save or as .safetensors in the peer's own environment"
