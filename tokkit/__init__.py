@@ -8,8 +8,6 @@ Public API::
     import tokkit
 
     tok = tokkit.load("runs/sample-fsq/checkpoint")        # a trained Tokenizer (or the run folder runs/sample-fsq)
-    peer = tokkit.load("hf:amused/amused-256/vqvae")       # a peer checkpoint, converted in memory (tokkit.peers)
-    tokkit.convert("last.ckpt", out="peers/vqgan-f16")     # ... or saved as a tokkit checkpoint (with provenance)
     ids = tok.encode_images(["cat.jpg", Image.open("dog.png")])  # files / PIL images / uint8 arrays -> (2, h, w) int64
     pics = tok.decode_to_images(ids)                       # 2 RGB PIL images, tok.resolution pixels square
     x = tok.decode(ids)                                    # float (2, 3, H, W) in [-1, 1]; tok.encode(x) -> ids
@@ -20,6 +18,10 @@ Public API::
     sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
+
+``tokkit.load`` also takes a peer checkpoint (taming ``.ckpt``, LlamaGen ``.pt``, a diffusers ``VQModel`` folder,
+``hf:ORG/REPO/FILE``) and converts it in memory; ``tokkit.convert(SOURCE, out=DIR)`` saves it as a tokkit checkpoint
+with its provenance (``tokkit.peers``).
 """
 
 from __future__ import annotations
