@@ -253,3 +253,34 @@ def test_convert_cli_one_line_errors(tmp_path: Path) -> None:
     assert len(errors) == 1 and "Traceback" not in res.output
     res = runner.invoke(app, ["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--family", "nope"])
     assert res.exit_code == 2 and "neither" in res.output  # the source is read first, then the family is looked up
+
+
+def test_a_lightning_taming_ckpt_with_its_yaml_converts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path a real taming file takes: Lightning's {"state_dict", "callbacks": {ModelCheckpoint: ...}} read
+    weights-only, loss keys dropped, yaml beside it (``configs/*-project.yaml``, as taming's logs lay it out)."""
+    pytest.importorskip("taming.modules.diffusionmodules.model", reason="needs taming-transformers")
+    yaml = pytest.importorskip("yaml", reason="taming's yaml needs pyyaml (pip install tokkit[peers])")
+    from test_peers_taming import _small_peer, _state
+
+    peer, params = _small_peer()
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    for mod in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+        monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
+    cls = type("ModelCheckpoint", (), {"__module__": name})
+    sys.modules[name].ModelCheckpoint = cls
+    run = tmp_path / "logs" / "2021-vqgan"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": _state(peer), "callbacks": {cls: {"best_model_score": None}}, "global_step": 7}, ckpt)
+    for mod in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+        monkeypatch.delitem(sys.modules, mod)
+    (run / "configs" / "2021-vqgan-project.yaml").write_text(yaml.safe_dump({"model": {"params": params}}))
+
+    res = convert_source(ckpt, out=tmp_path / "vqgan", device="cpu")
+    assert res.family.name == "taming" and res.provenance["license"] == "MIT"
+    assert set(res.provenance["files"]) == {"last.ckpt", "2021-vqgan-project.yaml"}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(res.tokenizer.encode(x), peer.encode(x)[1])
+        assert torch.equal(tokkit.load(tmp_path / "vqgan").encode(x), peer.encode(x)[1])
