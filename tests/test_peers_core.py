@@ -210,7 +210,10 @@ def test_convert_cli_end_to_end(vq_folder: Path, tmp_path: Path) -> None:
     again = runner.invoke(app, ["convert", str(vq_folder), "--out", str(out)])
     assert again.exit_code == 2 and "exists" in again.output and "--force" in again.output
     assert json.loads((out / "config.json").read_text()) == meta
-    assert runner.invoke(app, ["convert", str(vq_folder), "--out", str(out), "--force", "-q"]).exit_code == 0
+    res = runner.invoke(app, ["convert", str(vq_folder), "--out", str(out), "--force", "-q", "--resolution", "64"])
+    assert res.exit_code == 0 and "32x32 tokens at 64 px" in res.stdout
+    bad = runner.invoke(app, ["convert", str(vq_folder), "--out", str(tmp_path / "o2"), "--resolution", "33"])
+    assert bad.exit_code == 2 and "not divisible by the downsampling factor 2" in bad.output
 
     # tokkit info shows where it came from
     info = runner.invoke(app, ["info", str(out)])
@@ -244,6 +247,7 @@ def test_converted_checkpoint_encodes_and_decodes(vq_folder: Path, tmp_path: Pat
 
 
 def test_convert_cli_one_line_errors(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["convert", "--help"], env={"COLUMNS": "200"}).exit_code == 0
     res = runner.invoke(app, ["convert", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no such file or folder" in res.output
     (tmp_path / "empty").mkdir()

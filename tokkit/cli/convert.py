@@ -28,7 +28,7 @@ def convert(
         typer.Argument(
             callback=_source_argument,
             help="Peer checkpoint: a .ckpt/.pt/.pth/.bin/.safetensors file, a diffusers VQModel folder, or "
-            "hf:ORG/REPO/FILE (hf:ORG/REPO[/SUBFOLDER] for a diffusers folder).",
+            "hf:ORG/REPO/FILE (hf:ORG/REPO or hf:ORG/REPO/SUBFOLDER for a diffusers folder).",
         ),
     ],
     out: Annotated[
@@ -40,7 +40,16 @@ def convert(
     ] = None,
     family: Annotated[
         str | None,
-        typer.Option("--family", help="taming, llamagen, diffusers, open-magvit2 or maskbit [default: detected]."),
+        typer.Option(
+            "--family", help="Force a family: taming, llamagen, diffusers, open-magvit2 or maskbit (default: detected)."
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            "--resolution", min=1, show_default=False,
+            help="Image side the tokenizer preprocesses to (default: the peer's training size when known, else 256).",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     quiet: QuietOpt = False,
@@ -55,8 +64,9 @@ def convert(
     from tokkit.peers import convert_source
 
     res = convert_source(
-        source, out, config, "cpu", family=family, overwrite=force, reporter=RichReporter(enabled=not quiet)
-    )
+        source, out, config, "cpu", family=family, overwrite=force, resolution=resolution,
+        reporter=RichReporter(enabled=not quiet),
+    )  # fmt: skip
     tok, prov = res.tokenizer, res.provenance
     params = sum(p.numel() for p in tok.parameters())
     h, w = tok.token_grid

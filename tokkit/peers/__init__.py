@@ -14,6 +14,7 @@ from under ``extra["provenance"]``: source, sha256, peer, variant, license, url,
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Mapping
@@ -168,6 +169,7 @@ def convert_source(
     *,
     family: str | None = None,
     overwrite: bool = False,
+    resolution: int | None = None,
     reporter: Reporter | None = None,
 ) -> Conversion:
     """Read a peer checkpoint, convert it to a tokkit ``Tokenizer`` and optionally save it.
@@ -179,6 +181,8 @@ def convert_source(
         device: where the returned tokenizer lives.
         family: the family to use instead of detecting it.
         overwrite: replace an existing ``out`` (otherwise refused).
+        resolution: the image side the tokenizer preprocesses to (``encode_images``, ``tokkit encode``), instead of the
+            family's default (e.g. 512 for aMUSEd-512, whose config does not say); a multiple of the downsampling.
         reporter: progress phases (read, convert, save).
 
     Returns:
@@ -209,6 +213,8 @@ def convert_source(
         raise CheckpointError(f"{src.name}: {fam.name} conversion: {e}") from None
     except (KeyError, ValueError, IndexError) as e:  # a layout the family recognised but cannot map
         raise CheckpointError(f"{src.name}: not a {fam.name} layout tokkit can map ({type(e).__name__}: {e})") from None
+    if resolution is not None:
+        tcfg = dataclasses.replace(tcfg, resolution=int(resolution))  # validated again: a ConfigError if it cannot be
     model = Tokenizer(tcfg)
     try:
         model.load_state_dict(state, strict=True)

@@ -221,7 +221,7 @@ def convert(state: Mapping[str, Tensor], extra: dict) -> tuple[TokenizerConfig, 
 register_family(
     PeerFamily(
         name="diffusers",
-        license="Apache-2.0 (diffusers); weights: their model card's",
+        license="Apache-2.0 (code); weights per model card",
         url="https://github.com/huggingface/diffusers",
         detect=detect,
         convert=convert,
