@@ -288,3 +288,21 @@ def test_a_lightning_taming_ckpt_with_its_yaml_converts(tmp_path: Path, monkeypa
     with torch.no_grad():
         assert torch.equal(res.tokenizer.encode(x), peer.encode(x)[1])
         assert torch.equal(tokkit.load(tmp_path / "vqgan").encode(x), peer.encode(x)[1])
+
+
+def test_tokkit_load_of_an_hf_pipeline_repo_from_the_cache(
+    vq_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hf:ORG/REPO/vqvae (an aMUSEd-style pipeline repo) loads offline from a hand-made hub cache."""
+    pytest.importorskip("huggingface_hub", reason="hf: names need huggingface_hub (pip install tokkit[peers])")
+    files = {f"vqvae/{p.name}": p.read_bytes() for p in vq_folder.iterdir()}
+    snap = _hub_cache(tmp_path / "hub", "org/amused-like", {**files, "model_index.json": b"{}"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    tok = tokkit.load("hf:org/amused-like/vqvae")
+    direct = tokkit.load(vq_folder)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(tok.encode(x), direct.encode(x))
+    res = convert_source("hf:org/amused-like", out=tmp_path / "out")  # the repo root: its vqvae/ is found
+    assert res.provenance["source"] == "hf:org/amused-like" and res.out is not None
+    assert (snap / "vqvae" / "config.json").is_file()

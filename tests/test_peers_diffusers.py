@@ -117,3 +117,40 @@ def test_unmappable_architectures_are_one_line_errors(tmp_path: Path) -> None:
     save_file(state, str(w))
     with pytest.raises(CheckpointError, match="no place in tokkit's model, e.g. encoder.extra_layer.weight"):
         convert_source(folder)
+
+
+# the published configs (diffusers' scripts/convert_amused.py and the Kandinsky 2.2 MOVQ_CONFIG), built on the meta
+# device: the full-size key map and shapes are checked without allocating a weight
+REAL = {
+    "amused": (
+        dict(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
+             up_block_types=("UpDecoderBlock2D",) * 5, latent_channels=64, layers_per_block=2, norm_num_groups=32,
+             num_vq_embeddings=8192, sample_size=32, mid_block_add_attention=False, lookup_from_codebook=True),
+        "maskgit-vqgan-f16-k8192", (16, 16),
+    ),
+    "kandinsky-2.2-movq": (
+        dict(latent_channels=4, num_vq_embeddings=16384, block_out_channels=(128, 256, 256, 512), vq_embed_dim=4,
+             down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",), layers_per_block=2,
+             up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3, norm_type="spatial"),
+        "movq-f8-k16384", (32, 32),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_published_configs_map_key_for_key(name: str) -> None:
+    from tokkit.models.tokenizer import Tokenizer
+    from tokkit.peers import get_family
+
+    cfg, variant, grid = REAL[name]
+    with torch.device("meta"):
+        model = VQModel(**cfg)
+        config, state, got = get_family("diffusers").convert(model.state_dict(), dict(model.config))
+        expected = Tokenizer(config).state_dict()
+    assert got == variant and config.token_grid == grid and config.resolution == 256
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    peer_params = sum(p.numel() for p in model.parameters())
+    folded = sum(v.numel() for k, v in model.state_dict().items() if ".norm_layer." in k)  # SpatialNorm affines
+    ours = sum(v.numel() for k, v in expected.items() if not k.startswith(("quantizer.cluster", "quantizer.init")))
+    assert ours + folded == peer_params  # the same weights, nothing added or lost
+    print(f"{name}: {peer_params / 1e6:.1f}M params")
