@@ -306,3 +306,31 @@ def test_tokkit_load_of_an_hf_pipeline_repo_from_the_cache(
     res = convert_source("hf:org/amused-like", out=tmp_path / "out")  # the repo root: its vqvae/ is found
     assert res.provenance["source"] == "hf:org/amused-like" and res.out is not None
     assert (snap / "vqvae" / "config.json").is_file()
+
+
+def test_hf_online_falls_back_to_the_cache_or_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online: an unreachable hub falls back to the cache; a hub that answers "no such file" says so (fake hub)."""
+    errors = types.SimpleNamespace(
+        EntryNotFoundError=type("EntryNotFoundError", (Exception,), {}),
+        LocalEntryNotFoundError=type("LocalEntryNotFoundError", (Exception,), {}),
+    )
+    cached = tmp_path / "cached.pt"
+    cached.write_bytes(b"x")
+    calls: list[bool] = []
+
+    def hf_hub_download(repo, filename, *, cache_dir=None, local_files_only=False):
+        calls.append(local_files_only)
+        if not local_files_only:
+            raise (ConnectionError("unreachable") if filename == "cached.pt" else errors.EntryNotFoundError(filename))
+        if filename == "cached.pt":
+            return str(cached)
+        raise errors.LocalEntryNotFoundError(filename)
+
+    hub = types.SimpleNamespace(errors=errors, hf_hub_download=hf_hub_download)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert resolve_source("hf:org/repo/cached.pt") == cached and calls == [False, True]
+    with pytest.raises(CheckpointError, match="hf:org/repo/typo.pt does not exist on the hub"):
+        resolve_source("hf:org/repo/typo.pt")

@@ -139,14 +139,19 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         return hub.snapshot_download(repo, cache_dir=cache_dir, local_files_only=local_only, allow_patterns=patterns)
 
     try:
+        local = fetch(local_only=offline)
+    except errors as first:
+        if offline:
+            raise CheckpointError(_not_cached(repo, filename, subfolder, cache_dir)) from None
         try:
-            local = fetch(local_only=offline)
+            local = fetch(local_only=True)  # the hub did not answer: the cache may still hold it
         except errors:
-            if offline:
-                raise
-            local = fetch(local_only=True)  # the hub is unreachable: the cache may still hold it
-    except errors:
-        raise CheckpointError(_not_cached(repo, filename, subfolder, cache_dir)) from None
+            missing = type(first).__name__ in ("EntryNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError")
+            if missing:  # the hub answered: no such repo or file
+                what = f"{repo}/{filename}" if filename else repo
+                hint = "or is private: log in with `hf auth login`"
+                raise CheckpointError(f"hf:{what} does not exist on the hub ({hint})") from None
+            raise CheckpointError(_not_cached(repo, filename, subfolder, cache_dir)) from None
     path = Path(local)
     if filename is None and subfolder:
         path = path / subfolder
