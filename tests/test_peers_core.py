@@ -334,3 +334,43 @@ def test_hf_online_falls_back_to_the_cache_or_says_what_is_missing(
     assert resolve_source("hf:org/repo/cached.pt") == cached and calls == [False, True]
     with pytest.raises(CheckpointError, match="hf:org/repo/typo.pt does not exist on the hub"):
         resolve_source("hf:org/repo/typo.pt")
+
+
+def test_families_get_the_source_name_as_a_hint(tmp_path: Path) -> None:
+    seen: list[dict] = []
+
+    def detect(state, extra):
+        seen.append(dict(extra))
+        return "probe.weight" in state
+
+    def convert(state, extra):
+        raise ConfigError("stop here")
+
+    register_family(PeerFamily("probe-test", "MIT", "https://example.org", detect, convert))
+    try:
+        torch.save({"probe.weight": torch.ones(1)}, tmp_path / "vq_ds16_c2i.pt")
+        with pytest.raises(CheckpointError, match="probe-test conversion: stop here"):
+            convert_source(tmp_path / "vq_ds16_c2i.pt")
+        assert seen[-1] == {"source": str(tmp_path / "vq_ds16_c2i.pt")}
+    finally:
+        from tokkit import peers
+
+        peers._FAMILIES.pop("probe-test")
+
+
+def test_a_llamagen_training_checkpoint_converts_by_its_file_name(tmp_path: Path) -> None:
+    """LlamaGen saves {"model", "optimizer", "steps", "args"}; the file name gives the variant, the CLI the size."""
+    pytest.importorskip("peer_code.llamagen_vq", reason="LlamaGen's vq_model.py (vendored under tests/peer_code)")
+    from test_peers_llamagen import _small_peer
+
+    peer = _small_peer()
+    ckpt = tmp_path / "vq_ds4_c2i.pt"
+    torch.save({"model": peer.state_dict(), "optimizer": {"state": {}}, "steps": 10, "args": None}, ckpt)
+    out = tmp_path / "llamagen"
+    res = runner.invoke(app, ["convert", str(ckpt), "--out", str(out), "--resolution", "32", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "converted llamagen vq_ds4_c2i" in res.stdout and "8x8 tokens at 32 px" in res.stdout
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        _, _, (_, _, ref) = peer.quantize(peer.quant_conv(peer.encoder(x)))
+        assert torch.equal(tokkit.load(out).encode(x).flatten(), ref.flatten())

@@ -2,7 +2,9 @@
 
 Each family lives in its own module (``tokkit.peers.taming`` ...) and registers a ``PeerFamily`` at import: a
 ``detect(state, extra)`` that recognises its key layout and a ``convert(state, extra)`` that returns the tokkit
-config, the tokkit state dict (``Tokenizer(config).load_state_dict(strict=True)`` takes it) and the variant name::
+config, the tokkit state dict (``Tokenizer(config).load_state_dict(strict=True)`` takes it) and the variant name.
+``extra`` is the side config (taming's yaml ``model.params``, a diffusers ``config.json``, or {}) plus
+``"source"``: the name the user gave, a hint for variants that only the file name tells (LlamaGen's ``_c2i``)::
 
     tok = tokkit.convert("hf:amused/amused-256/vqvae", out="peers/amused-256")   # converted + saved
     tok = tokkit.load("vqgan_imagenet_f16_16384/last.ckpt")                       # converted in memory
@@ -206,9 +208,10 @@ def convert_source(
     rep.start("convert", 3 if out is not None else 2)
     src: PeerSource = read_source(source, config)
     rep.advance(1)
-    fam = get_family(family) if family else detect_family(src.state, src.extra, src.name)
+    extra = {"source": src.name, **src.extra}  # the name as given: a variant hint (LlamaGen's vq_ds16_c2i.pt)
+    fam = get_family(family) if family else detect_family(src.state, extra, src.name)
     try:
-        tcfg, state, variant = fam.convert(src.state, src.extra)
+        tcfg, state, variant = fam.convert(src.state, extra)
     except TokkitError as e:
         raise CheckpointError(f"{src.name}: {fam.name} conversion: {e}") from None
     except (KeyError, ValueError, IndexError) as e:  # a layout the family recognised but cannot map
