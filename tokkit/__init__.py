@@ -18,6 +18,10 @@ Public API::
     sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
+
+``tokkit.load`` also takes a peer checkpoint (taming ``.ckpt``, LlamaGen ``.pt``, a diffusers ``VQModel`` folder,
+``hf:ORG/REPO/FILE``) and converts it in memory; ``tokkit.convert(SOURCE, out=DIR)`` saves it as a tokkit checkpoint
+with its provenance (``tokkit.peers``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ __version__ = "0.2.0"
 # name -> module that defines it; imported on first use so that `import tokkit` stays light
 _LAZY = {
     "Tokenizer": "tokkit.models.tokenizer",
-    "load": "tokkit.models.tokenizer",
+    "load": "tokkit.loading",
+    "convert": "tokkit.peers",
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
     "ShardSampler": "tokkit.sampler",
