@@ -3,8 +3,8 @@
 Compared with the VQGAN autoencoder (``tokkit.models.autoencoder``) it has no attention, bias-free 3x3 convolutions
 in the residual blocks, a 1x1 ``conv_out`` in the encoder, ``num_res_blocks`` residual blocks in the middle, and
 residual blocks at a level's *input* width followed by the resampling. The two peers differ in four places, each a
-keyword argument (``TokenizerConfig.arch_kwargs``; the encoder and the decoder take the same set and each uses its
-own):
+keyword argument (``TokenizerConfig.arch_kwargs``; ``variant`` picks a preset, any switch given overrides it;
+the encoder takes ``downsample``, the decoder ``upsample`` and ``adaptive_norm``, both ``shortcut``):
 
 =================  =========================================  =============================================
 keyword            Open-MAGVIT2 (``"open-magvit2"`` preset)   MaskBit (``"maskbit"`` preset)
@@ -67,32 +67,21 @@ _CHOICES = {
 }
 
 
-def resolve_arch(
-    variant: str | None, downsample: str | None, upsample: str | None, shortcut: str | None, adaptive_norm: bool | None
-) -> dict[str, Any]:
-    """Fill the four architecture switches from ``variant``'s preset; an explicit keyword wins.
+def resolve_arch(variant: str, **given: Any) -> dict[str, Any]:
+    """``variant``'s preset with every switch given (not None) in ``given`` overriding it.
 
     Returns:
         ``{"downsample", "upsample", "shortcut", "adaptive_norm"}``, validated (``ConfigError`` naming the choices).
     """
     if variant not in PRESETS:
-        raise ConfigError(f"magvit2 variant must be one of {', '.join(PRESETS)}, got {variant!r}")
+        raise ConfigError(f"tokenizer.arch_kwargs.variant must be one of {', '.join(PRESETS)}, got {variant!r}")
     arch = dict(PRESETS[variant])
-    given = {"downsample": downsample, "upsample": upsample, "shortcut": shortcut, "adaptive_norm": adaptive_norm}
     arch.update({k: v for k, v in given.items() if v is not None})
     for key, choices in _CHOICES.items():
         if arch[key] not in choices:
-            raise ConfigError(f"magvit2 {key} must be one of {', '.join(choices)}, got {arch[key]!r}")
+            raise ConfigError(f"tokenizer.arch_kwargs.{key} must be one of {', '.join(choices)}, got {arch[key]!r}")
     arch["adaptive_norm"] = bool(arch["adaptive_norm"])
     return arch
-
-
-def _check_unsupported(attention: bool, attn_levels: Any, spatial_norm: bool) -> None:
-    if attention or attn_levels or spatial_norm:
-        raise ConfigError(
-            "arch 'magvit2' has no attention and no spatial norm: set attention=false, attn_levels=[], "
-            "spatial_norm=false (or use arch 'vqgan')"
-        )
 
 
 def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
@@ -103,7 +92,8 @@ def group_norm(channels: int, affine: bool = True) -> nn.GroupNorm:
 class ResBlock(nn.Module):
     """(GroupNorm, SiLU, bias-free conv3x3) x 2 plus a shortcut; a bias-free 1x1 shortcut conv when widths differ.
 
-    ``shortcut="input"``: ``out = h + conv1x1(x)``; ``shortcut="output"`` (MaskBit): ``out = h + conv1x1(h)``.
+    ``shortcut="input"``: ``out = h + conv1x1(x)``; ``shortcut="output"`` (MaskBit): ``out = h + conv1x1(h)``; with
+    equal widths ``out = h + x`` either way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, shortcut: str = "input") -> None:
@@ -112,7 +102,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.from_output = shortcut == "output"
+        self.from_output = shortcut == "output" and in_channels != out_channels
         self.shortcut: nn.Module = nn.Identity()
         if in_channels != out_channels:
             self.shortcut = nn.Conv2d(out_channels if self.from_output else in_channels, out_channels, 1, bias=False)
@@ -130,7 +120,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, mode: str) -> None:
         super().__init__()
         self.mode = mode
-        if mode != "avgpool":
+        if mode != "avgpool":  # (the peers' downsampling convs have a bias)
             self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1 if mode == "conv_sym" else 0)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -204,12 +194,7 @@ class Encoder(nn.Module):
         z_channels: int = 18,
         variant: str = "open-magvit2",
         downsample: str | None = None,
-        upsample: str | None = None,
         shortcut: str | None = None,
-        adaptive_norm: bool | None = None,
-        attention: bool = False,
-        attn_levels: list[int] | tuple[int, ...] = (),
-        spatial_norm: bool = False,
     ) -> None:
         """Build the encoder.
 
@@ -221,16 +206,10 @@ class Encoder(nn.Module):
             z_channels: output latent channels.
             variant: preset of the switches below, ``"open-magvit2"`` or ``"maskbit"``.
             downsample: ``"conv_sym"``, ``"conv_same"`` or ``"avgpool"`` (None: the preset's).
-            upsample: decoder-only; accepted so that encoder and decoder share ``arch_kwargs``.
             shortcut: ``"input"`` or ``"output"`` (None: the preset's).
-            adaptive_norm: decoder-only; accepted so that encoder and decoder share ``arch_kwargs``.
-            attention: must be False (no attention in this architecture).
-            attn_levels: must be empty.
-            spatial_norm: must be False.
         """
         super().__init__()
-        _check_unsupported(attention, attn_levels, spatial_norm)
-        arch = resolve_arch(variant, downsample, upsample, shortcut, adaptive_norm)
+        arch = resolve_arch(variant, downsample=downsample, shortcut=shortcut)
         chans = [base_channels * m for m in channel_mult]
         self.conv_in = nn.Conv2d(in_channels, chans[0], 3, padding=1, bias=False)
         self.levels = nn.ModuleList()
@@ -294,13 +273,9 @@ class Decoder(nn.Module):
         num_res_blocks: int = 4,
         z_channels: int = 18,
         variant: str = "open-magvit2",
-        downsample: str | None = None,
         upsample: str | None = None,
         shortcut: str | None = None,
         adaptive_norm: bool | None = None,
-        attention: bool = False,
-        attn_levels: list[int] | tuple[int, ...] = (),
-        spatial_norm: bool = False,
     ) -> None:
         """Build the decoder (the encoder's mirror).
 
@@ -311,17 +286,12 @@ class Decoder(nn.Module):
             num_res_blocks: residual blocks per level and in the middle.
             z_channels: input latent channels.
             variant: preset of the switches below, ``"open-magvit2"`` or ``"maskbit"``.
-            downsample: encoder-only; accepted so that encoder and decoder share ``arch_kwargs``.
             upsample: ``"depth_to_space"`` or ``"nearest_conv"`` (None: the preset's).
             shortcut: ``"input"`` or ``"output"`` (None: the preset's).
             adaptive_norm: an adaptive GroupNorm before each level (None: the preset's).
-            attention: must be False (no attention in this architecture).
-            attn_levels: must be empty.
-            spatial_norm: must be False.
         """
         super().__init__()
-        _check_unsupported(attention, attn_levels, spatial_norm)
-        arch = resolve_arch(variant, downsample, upsample, shortcut, adaptive_norm)
+        arch = resolve_arch(variant, upsample=upsample, shortcut=shortcut, adaptive_norm=adaptive_norm)
         chans = [base_channels * m for m in channel_mult]
         ch = chans[-1]
         self.conv_in = nn.Conv2d(z_channels, ch, 3, padding=1)
@@ -333,14 +303,8 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        """(B, Z, h, w) -> (B, C, H, W).
-
-        Args:
-            z: the quantized codes.
-            cond: unused (the adaptive norm reads ``z`` itself, as Open-MAGVIT2 does); accepted for the shared
-                decoder call.
-        """
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, Z, h, w) -> (B, C, H, W); the adaptive norms read the statistics of ``z`` itself (Open-MAGVIT2)."""
         h = self.conv_in(z)
         for block in self.mid:
             h = block(h)
