@@ -11,6 +11,8 @@
 # Modifications (test-only copy): einops calls replaced by the equivalent torch reshapes; the LFQ keeps only what
 # inference runs (sign codes, index, straight-through output; no entropy / commitment loss, no token factorization).
 # ruff: noqa
+from math import log2
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -296,7 +298,7 @@ class LFQ(nn.Module):
     def __init__(self, *, dim=None, codebook_size=None, num_codebooks=1):
         super().__init__()
         self.codebook_size = codebook_size
-        self.codebook_dim = int(torch.log2(torch.tensor(float(codebook_size))).round())
+        self.codebook_dim = int(log2(codebook_size))
         self.dim = dim
         self.num_codebooks = num_codebooks
         self.register_buffer('mask', 2 ** torch.arange(self.codebook_dim), persistent=False)
