@@ -8,6 +8,8 @@ Public API::
     import tokkit
 
     tok = tokkit.load("runs/sample-fsq/checkpoint")        # a trained Tokenizer (or the run folder runs/sample-fsq)
+    peer = tokkit.load("hf:amused/amused-256/vqvae")       # a peer checkpoint, converted in memory (tokkit.peers)
+    tokkit.convert("last.ckpt", out="peers/vqgan-f16")     # ... or saved as a tokkit checkpoint (with provenance)
     ids = tok.encode_images(["cat.jpg", Image.open("dog.png")])  # files / PIL images / uint8 arrays -> (2, h, w) int64
     pics = tok.decode_to_images(ids)                       # 2 RGB PIL images, tok.resolution pixels square
     x = tok.decode(ids)                                    # float (2, 3, H, W) in [-1, 1]; tok.encode(x) -> ids
@@ -29,7 +31,8 @@ __version__ = "0.2.0"
 # name -> module that defines it; imported on first use so that `import tokkit` stays light
 _LAZY = {
     "Tokenizer": "tokkit.models.tokenizer",
-    "load": "tokkit.models.tokenizer",
+    "load": "tokkit.loading",
+    "convert": "tokkit.peers",
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
     "ShardSampler": "tokkit.sampler",
