@@ -15,7 +15,7 @@ from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError, ConfigError
 from tokkit.models import magvit2
 from tokkit.models.tokenizer import Tokenizer
-from tokkit.peers import families
+from tokkit.peers import detect_family, get_family
 from tokkit.peers.open_magvit2 import convert, detect
 from tokkit.quantizers.lfq import LFQ
 
@@ -146,9 +146,9 @@ def test_ema_weights_are_preferred_when_present() -> None:
 
 def test_detect_and_bad_layouts() -> None:
     sd = _small_peer().state_dict()
-    fam = families()["open-magvit2"]
+    fam = get_family("open-magvit2")
     assert fam.license == "Apache-2.0" and "SEED-Voken" in fam.url
-    assert detect(sd, {}) and fam.detect(sd, {})
+    assert detect(sd, {}) and detect_family(sd, {}) is fam  # the only family that claims this layout
     assert not detect({k: v for k, v in sd.items() if "adaptive" not in k}, {})
     with pytest.raises(CheckpointError, match="unknown tensor"):
         convert({**sd, "encoder.extra.weight": torch.zeros(1)}, {"resolution": 32})
@@ -175,7 +175,7 @@ def test_published_layout_is_fully_mapped(name: str) -> None:
     assert sum(v.numel() for k, v in state.items() if k.startswith(("encoder.", "decoder."))) == peer_params
 
 
-def test_converted_tokenizer_saves_and_reloads(tmp_path) -> None:
+def test_converted_tokenizer_saves_and_reloads(tmp_path, one_thread) -> None:
     from tokkit.models.tokenizer import load
 
     cfg, state, _ = convert(_small_peer().state_dict(), {"resolution": 32})
@@ -188,3 +188,21 @@ def test_converted_tokenizer_saves_and_reloads(tmp_path) -> None:
     ids = tok.encode(x)
     assert torch.equal(again.encode(x), ids)
     assert torch.equal(again.decode(ids), tok.decode(ids))
+
+
+def test_lightning_ckpt_converts_end_to_end_with_provenance(tmp_path, one_thread) -> None:
+    from tokkit.models.tokenizer import load
+    from tokkit.peers import convert_source
+
+    model = _small_peer()
+    sd = model.state_dict()
+    ema = {"model_ema." + k.replace(".", ""): v for k, v in sd.items()}
+    ckpt = tmp_path / "imagenet_32.ckpt"
+    torch.save({"state_dict": {**sd, **ema, "loss.discriminator.main.0.weight": torch.zeros(2)}, "epoch": 3}, ckpt)
+    result = convert_source(ckpt, out=tmp_path / "tok")
+    assert result.provenance["peer"] == "open-magvit2" and result.provenance["license"] == "Apache-2.0"
+    assert result.variant == "lfq10bit_f4"
+    x = _images()
+    with torch.no_grad():
+        _, idx = model.encode(x)
+    assert torch.equal(load(tmp_path / "tok").encode(x).flatten(), idx.long())

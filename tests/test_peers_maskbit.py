@@ -13,7 +13,7 @@ from peer_code import maskbit as peer
 
 from tokkit.errors import CheckpointError
 from tokkit.models.tokenizer import Tokenizer
-from tokkit.peers import families
+from tokkit.peers import detect_family, get_family
 from tokkit.peers.maskbit import convert, detect
 
 TOL = 1e-5
@@ -90,10 +90,10 @@ def test_decoder_with_its_own_block_count(one_thread) -> None:
 
 def test_detect_and_bad_layouts() -> None:
     sd = _small_peer(_config()).state_dict()
-    fam = families()["maskbit"]
+    fam = get_family("maskbit")
     assert fam.license == "Apache-2.0" and "maskbit" in fam.url
-    assert detect(sd, {}) and fam.detect(sd, {})
-    assert not families()["open-magvit2"].detect(sd, {})
+    assert detect(sd, {}) and detect_family(sd, {}) is fam  # the only family that claims this layout
+    assert not get_family("open-magvit2").detect(sd, {})
     assert not detect({k: v for k, v in sd.items() if not k.startswith("quantize.")}, {})
     with pytest.raises(CheckpointError, match="unknown tensor"):
         convert({**sd, "decoder.up.0.attn.weight": torch.zeros(1)}, {"resolution": 32})
@@ -132,3 +132,21 @@ def test_published_vqgan_plus_layout_is_fully_mapped() -> None:
     with torch.device("meta"):
         tok = Tokenizer(cfg)
     assert sum(p.numel() for p in tok.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_published_bin_converts_end_to_end_with_provenance(tmp_path, one_thread) -> None:
+    from tokkit.models.tokenizer import load
+    from tokkit.peers import convert_source
+
+    model = _small_peer(_config())
+    path = tmp_path / "maskbit_tokenizer_10bit.bin"
+    torch.save(model.state_dict(), path)
+    result = convert_source(path, out=tmp_path / "tok")
+    assert result.provenance["peer"] == "maskbit" and result.variant == "maskbit_tokenizer_10bit"
+    tok = load(tmp_path / "tok")
+    assert tok.resolution == 256  # MaskBit's published resolution (no hint given)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1  # fully convolutional: 32 px
+    with torch.no_grad():
+        _, r = model.encode(x)
+        ids = tok.quantizer(tok.encoder(x)).indices
+    assert torch.equal(ids, r["min_encoding_indices"].long())
