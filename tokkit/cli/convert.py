@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from tokkit.cli import checks
-from tokkit.cli.common import DeviceOpt, JsonOpt, QuietOpt, RichReporter, handle_errors
+from tokkit.cli.common import JsonOpt, QuietOpt, RichReporter, handle_errors
 from tokkit.cli.output import emit_json
 from tokkit.errors import CheckpointError, OutputError
 
@@ -43,7 +43,6 @@ def convert(
         typer.Option("--family", help="taming, llamagen, diffusers, open-magvit2 or maskbit [default: detected]."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
-    device: DeviceOpt = "cpu",
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -56,7 +55,7 @@ def convert(
     from tokkit.peers import convert_source
 
     res = convert_source(
-        source, out, config, device, family=family, overwrite=force, reporter=RichReporter(enabled=not quiet)
+        source, out, config, "cpu", family=family, overwrite=force, reporter=RichReporter(enabled=not quiet)
     )
     tok, prov = res.tokenizer, res.provenance
     params = sum(p.numel() for p in tok.parameters())
