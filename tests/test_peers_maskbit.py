@@ -150,3 +150,17 @@ def test_published_bin_converts_end_to_end_with_provenance(tmp_path, one_thread)
         _, r = model.encode(x)
         ids = tok.quantizer(tok.encoder(x)).indices
     assert torch.equal(ids, r["min_encoding_indices"].long())
+
+
+def test_float64_forward_agrees_to_rounding(one_thread) -> None:
+    """Bit tokens in float64 (tokkit's VQ searches its codebook in float32, so VQGAN+ stays a float32 check)."""
+    model = _small_peer(_config(token_size=8)).double()
+    cfg, state, _ = convert(model.state_dict(), {"resolution": 32})
+    tok = Tokenizer(cfg).eval().double()
+    tok.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        codes, result = model.encode(x)
+        rec, out = tok(x)
+        assert torch.equal(out.indices, result["min_encoding_indices"].long())
+        assert (rec - model.decode(codes)).abs().max().item() <= 1e-12
