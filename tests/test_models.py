@@ -222,3 +222,16 @@ def test_missing_arch_module_is_a_config_error(monkeypatch):
     monkeypatch.setitem(tk.ARCHS, "magvit2", "tokkit.models._no_such_arch")
     with pytest.raises(ConfigError, match="tokenizer.arch 'magvit2' needs the module"):
         tiny_config("fsq", arch="magvit2")
+
+
+def test_generalized_tokenizer_saves_and_loads(tmp_path):
+    from tokkit.models.tokenizer import load
+
+    torch.manual_seed(0)
+    cfg = tiny_config("vq", quant_conv=True, embed_dim=4, attn_levels=[0], decoder_res_blocks=2, attention=True,
+                      quantizer_kwargs={"codebook_size": 32, "cosine": True, "ema": False})
+    tok = Tokenizer(cfg).eval()
+    back = load(tok.save(tmp_path / "ckpt"), device="cpu")
+    assert back.config == cfg
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.testing.assert_close(back.decode(back.encode(x)), tok.decode(tok.encode(x)))

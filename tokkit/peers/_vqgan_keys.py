@@ -48,10 +48,9 @@ class KeyMover:
         return self.left.pop(key)
 
     def move(self, src: str, dst: str) -> None:
-        """Move ``src.weight`` / ``src.bias`` (those present; ``weight`` required) to ``dst.*``."""
+        """Move ``src.weight`` and ``src.bias`` (a conv or an affine norm; both required) to ``dst.*``."""
         self.out[f"{dst}.weight"] = self.take(f"{src}.weight")
-        if f"{src}.bias" in self.left:
-            self.out[f"{dst}.bias"] = self.left.pop(f"{src}.bias")
+        self.out[f"{dst}.bias"] = self.take(f"{src}.bias")
 
     def res_block(self, src: str, dst: str) -> None:
         """taming ``ResnetBlock`` -> tokkit ``ResBlock``."""

@@ -47,6 +47,12 @@ def detect(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> bool:
     )
 
 
+def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
+    if key not in state:
+        raise CheckpointError(f"taming checkpoint lacks {key!r}: not a complete taming VQGAN state dict")
+    return int(state[key].shape[axis])
+
+
 def _count(state: Mapping[str, Tensor], pattern: str) -> int:
     n = 0
     while pattern.format(n) in state:
@@ -78,16 +84,15 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
         raise CheckpointError("not a taming VQGAN state dict (needs encoder.down.*, encoder.mid.attn_1, quantize.*)")
     params = _params(extra)
     n = _count(state, "encoder.down.{}.block.0.conv1.weight")
-    ch = int(state["encoder.conv_in.weight"].shape[0])
-    chans = [int(state[f"encoder.down.{i}.block.0.conv2.weight"].shape[0]) for i in range(n)]
+    ch = _dim(state, "encoder.conv_in.weight", 0)
+    chans = [_dim(state, f"encoder.down.{i}.block.0.conv2.weight", 0) for i in range(n)]
     if any(c % ch for c in chans):
         raise CheckpointError(f"taming encoder level channels {chans} are not multiples of conv_in's {ch}")
     k, e = (int(s) for s in state["quantize.embedding.weight"].shape)  # (K, E)
-    z = int(state["decoder.conv_in.weight"].shape[1]) if "decoder.conv_in.weight" in state else -1
-    if "encoder.conv_out.weight" in state and int(state["encoder.conv_out.weight"].shape[0]) != z:
+    z, z_out = _dim(state, "decoder.conv_in.weight", 1), _dim(state, "encoder.conv_out.weight", 0)
+    if z_out != z:
         raise CheckpointError(
-            f"taming encoder outputs {int(state['encoder.conv_out.weight'].shape[0])} channels, the decoder takes {z}: "
-            "double_z (a KL autoencoder?) is not a VQGAN"
+            f"taming encoder outputs {z_out} channels, the decoder takes {z}: double_z (a KL autoencoder) is no VQGAN"
         )
     attn = [i for i in range(n) if f"encoder.down.{i}.attn.0.q.weight" in state]
     dec_attn = [i for i in range(n) if f"decoder.up.{i}.attn.0.q.weight" in state]
@@ -103,8 +108,10 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
         "z_channels": z,
         "embed_dim": e,
         "n_embed": k,
-        "resolution": int(ddconfig.get("resolution", params.get("resolution", DEFAULT_RESOLUTION))),
+        "resolution": ddconfig.get("resolution", params.get("resolution", DEFAULT_RESOLUTION)),
     }
+    if isinstance(arch["resolution"], bool) or not isinstance(arch["resolution"], int):
+        raise CheckpointError(f"taming ddconfig.resolution must be an integer, got {arch['resolution']!r}")
     _check_yaml(arch, params, ddconfig)
     check_group_norm_channels(NAME, chans)
     return arch
