@@ -38,6 +38,7 @@ FAMILY_MODULES = (
     "tokkit.peers.diffusers",
     "tokkit.peers.open_magvit2",
     "tokkit.peers.maskbit",
+    "tokkit.peers.ibq",
 )
 
 
