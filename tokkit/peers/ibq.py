@@ -11,17 +11,19 @@ published ``.ckpt`` files (``TencentARC/IBQ-Tokenizer-{1024,8192,16384,262144}``
 raw ones.
 
 Quantizer (``IndexPropagationQuantize``): ``logits = z . e_k`` over the codebook with no normalisation and no scale
-(its ``cosine_similarity`` flag is stored but never read), ``index = argmax softmax(logits) = argmax logits``, and the
-output code is the codebook row itself (``one_hot @ E``; the soft part only carries the gradient): tokkit's ``vq``
-with ``metric="dot"`` and a loss-learned codebook. Its training loss weighs ``mse(z, sg[e])`` by 1 and
-``mse(e, sg[z])`` by beta = 0.25, kept as ``commitment_weight=1`` / ``codebook_weight=0.25``; tokkit trains with the
-straight-through estimator, not IBQ's softmax index backpropagation (nor its entropy loss).
+(its ``cosine_similarity`` flag is stored but never read), ``index = argmax softmax(logits) = argmax logits`` (up to
+exact float ties), and the output code is the codebook row itself (``one_hot @ E``; the soft part only carries the
+gradient): tokkit's ``vq`` with ``metric="dot"`` and a loss-learned codebook. Its training loss weighs
+``mse(z, sg[e])`` by 1 and ``mse(e, sg[z])`` by beta = 0.25, kept as ``commitment_weight=1`` /
+``codebook_weight=0.25``; tokkit trains with the straight-through estimator, not IBQ's softmax index backpropagation
+(nor its entropy loss).
 
 The network mapping is taming's (``tokkit.peers.taming``): 5 levels ``ch_mult=[1, 1, 2, 2, 4]``, 4 residual blocks per
 encoder level (5 per decoder level), attention at level 4 (16 px), z = E = 256; 256 px images give 16x16 tokens.
 
 Detection: taming's key layout plus LitEma's ``model_ema.*`` tensors and IBQ's 4 blocks per encoder level (taming's
-own published VQGANs have 2 and no EMA). Any other IBQ-shaped checkpoint converts with ``--family ibq``.
+own published VQGANs have 2 and no EMA). Any other IBQ-shaped checkpoint converts with ``--family ibq``. IBQ's
+own yaml (Lightning CLI ``model.init_args``) is not needed: the architecture comes from the shapes.
 
 Axis legend: K codes, E code dim (``embed_dim``), Z latent channels.
 """
