@@ -41,6 +41,7 @@ FAMILY_MODULES = (
     "tokkit.peers.diffusers",
     "tokkit.peers.open_magvit2",
     "tokkit.peers.maskbit",
+    "tokkit.peers.ibq",
 )
 
 

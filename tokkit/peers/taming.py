@@ -40,11 +40,12 @@ DEFAULT_RESOLUTION = 256  # ImageNet VQGANs (f16-1024, f16-16384) are trained at
 
 
 def detect(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> bool:
-    """A taming ``VQModel`` state dict: taming's module names and a ``VectorQuantizer`` codebook."""
+    """A taming ``VQModel`` state dict: taming's module names and a ``VectorQuantizer`` codebook (no LitEma
+    ``model_ema.*`` shadows: taming never has them; IBQ's checkpoints do, see ``tokkit.peers.ibq``)."""
     return all(
         k in state
         for k in ("quantize.embedding.weight", "encoder.mid.attn_1.q.weight", "encoder.down.0.block.0.conv1.weight")
-    )
+    ) and not any(k.startswith("model_ema.") for k in state)
 
 
 def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
