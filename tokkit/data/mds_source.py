@@ -102,6 +102,9 @@ class MDSSource(ImageSource):
             base = posixpath.join(base, split) if remote else os.path.join(base, split)
         self._remote = remote
         self._base = base
+        self._fds: dict[str, int] = {}
+        self._inflated: tuple[str, bytes] | None = None  # (shard, its bytes): a compressed or a remote shard
+        self._pid = os.getpid()
         where = f" (no split {split}?)" if split else ""
         raw_index = self._read_whole(INDEX, f"{base}: no {INDEX}: not an MDS folder{where}")
         try:
@@ -141,9 +144,6 @@ class MDSSource(ImageSource):
         self._image_col = [s.column(image_key) for s in shards]
         self._index_sha = hashlib.sha256(raw_index).hexdigest()
         self._facts = facts
-        self._fds: dict[str, int] = {}
-        self._inflated: tuple[str, bytes] | None = None
-        self._pid = -1
 
     # ------------------------------------------------------------------------------------------ bytes
 
@@ -185,6 +185,8 @@ class MDSSource(ImageSource):
         """``size`` bytes at ``offset`` of a shard's uncompressed data."""
         if self._pid != os.getpid():  # after fork: the parent's descriptors are not ours
             self._fds, self._inflated, self._pid = {}, None, os.getpid()
+        if self._inflated is not None and self._inflated[0] == s.basename:
+            return self._inflated[1][offset : offset + size]
         raw = self._join(s.basename)
         if self._remote:
             fs, p = filesystem(raw)
@@ -195,8 +197,7 @@ class MDSSource(ImageSource):
             if fd is None:
                 fd = self._fds[raw] = os.open(raw, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             return os.pread(fd, size, offset)
-        if self._inflated is None or self._inflated[0] != s.basename:
-            self._inflated = (s.basename, _inflate(s, self._read_whole(s.zip_basename, f"{s.zip_basename} missing")))
+        self._inflated = (s.basename, _inflate(s, self._read_whole(s.zip_basename, f"{s.zip_basename} missing")))
         return self._inflated[1][offset : offset + size]
 
     def _span(self, s: _Shard, row: int) -> tuple[int, int]:
