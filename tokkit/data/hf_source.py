@@ -157,8 +157,10 @@ class HFSource(ImageSource):
 
 
 def _is_bytes_feature(feature: Any) -> bool:
-    dtype = getattr(feature, "dtype", None)
-    return dtype in ("binary", "large_binary")
+    """Binary, or a ``{"bytes": binary, ...}`` struct (an image column written without the Image feature)."""
+    if isinstance(feature, dict):
+        return "bytes" in feature and _is_bytes_feature(feature["bytes"])
+    return getattr(feature, "dtype", None) in ("binary", "large_binary")
 
 
 def _ids(name: str, raw: list[Any]) -> tuple[list[int], dict[str, int]]:
