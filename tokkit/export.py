@@ -305,7 +305,7 @@ def _mds(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
     columns = {"key": "str", "label": "int", "tokens": f"ndarray:{tokens.dtype.name}:{shape}"}
     tmp = out / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with writing(tmp), writer_cls(out=str(tmp), columns=columns, size_limit=1 << 27, progress_bar=False) as w:
+        with writing(tmp), writer_cls(out=str(tmp), columns=columns, size_limit=1 << 27) as w:
             for row in range(block.n):
                 w.write({"key": block.keys[row], "label": int(block.labels[row]), "tokens": tokens[row]})
         with writing(folder):
