@@ -128,6 +128,19 @@ def test_mds(shard_set: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(one.get_item(0)["tokens"], tokens[3])  # the reader alone, shard by shard
 
 
+def test_overwrite_removes_an_mds_export_and_keeps_foreign_files(shard_set: Path, tmp_path: Path) -> None:
+    pytest.importorskip("streaming", reason="mds export writes with mosaicml-streaming (tokkit[export])")
+    out = tmp_path / "out"
+    export_shards(shard_set, out, "mds")
+    export_shards(shard_set, out, "jsonl", overwrite=True)
+    assert not (out / "index.json").exists() and not list(out.glob("tokens-*/*"))
+    foreign = tmp_path / "o2"
+    foreign.mkdir()
+    (foreign / "index.json").write_text('{"version": 2, "shards": [{"raw_data": {"basename": "mine.mds"}}]}')
+    export_shards(shard_set, foreign, "jsonl", overwrite=True)
+    assert (foreign / "index.json").is_file()
+
+
 @pytest.mark.parametrize("fmt", ["llamagen", "webdataset", "mds"])
 def test_resume_rewrites_only_missing_files(shard_set: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"

@@ -195,11 +195,21 @@ def _outputs_of_any_export(out: Path) -> list[Path]:
     """Files in ``out`` named as some export writes them (``tokens-000000.tar``, ``imagenet256_codes/7.npy`` ...)."""
     found = [p for p in out.iterdir() if _SHARD_OUTPUT.match(p.name) and p.is_file()]
     found += [p for d in out.iterdir() if _MDS_DIR.match(d.name) and d.is_dir() for p in d.iterdir() if p.is_file()]
-    found += [out / "index.json"] if (out / "index.json").is_file() else []
+    found += [out / "index.json"] if _is_our_mds_index(out / "index.json") else []
     for d in out.iterdir():
         if _LLAMAGEN_DIR.match(d.name) and d.is_dir():
             found += [p for p in d.iterdir() if _LLAMAGEN_FILE.match(p.name) and p.is_file()]
     return found
+
+
+def _is_our_mds_index(path: Path) -> bool:
+    """``OUT/index.json`` as the mds export merges it (every shard in a ``tokens-NNNNNN/`` folder), not another's."""
+    index = read_json(path)
+    shards = index.get("shards") if isinstance(index, dict) else None
+    return isinstance(shards, list) and all(
+        isinstance(e, dict) and _MDS_DIR.match(str((e.get("raw_data") or {}).get("basename", "")).split("/")[0])
+        for e in shards
+    )
 
 
 def _expected_outputs(out: Path, format: str, blocks: list[_Block]) -> set[Path]:
