@@ -140,6 +140,9 @@ def test_encode_matches_folder_resumes_and_refuses_changes(tmp_path: Path, ckpt:
     assert [a[i][1] for i in range(9)] == [i % 3 for i in range(9)]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "mds" and manifest["source"]["options"]["image_key"] == "image"
+    from tokkit.shards import repair_command  # what tokkit verify prints reopens the source the same way
+
+    assert "--image-key image --label-key label" in repair_command(tmp_path / "out", manifest)
 
     # byte-identical resume: drop the last shard's commit, run again, compare bytes
     shard_dir = tmp_path / "out" / "shards"
@@ -180,3 +183,32 @@ def test_cli_options_reach_the_source(tmp_path: Path, ckpt: Path) -> None:
     assert [open_shards(tmp_path / "o2")[i][1] for i in range(3)] == [5, 6, 7]
     r = runner.invoke(app, [*args, "--image-key", "nope"])
     assert r.exit_code != 0 and "no column 'nope'" in r.output and len(r.output.strip().splitlines()) <= 2
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path: Path, ckpt: Path) -> None:
+    """shard_id % world_size over an MDS source: --nproc-per-node 2 (gloo, CPU) writes the same bytes as one process,
+    the source options travelling through the torchrun relaunch."""
+    import os
+    import subprocess
+    import sys
+
+    from tokkit.encode import encode_dataset
+
+    root = _write_mds(tmp_path / "m", 10, {"pic": "png", "cls": "int"},
+                      sample=lambda i: {"pic": _img(i), "cls": i % 4})  # fmt: skip
+    opts = {"image_key": "pic", "label_key": "cls"}
+    encode_dataset(ckpt, root, tmp_path / "one", shard_size=3, batch_size=2, workers=0, device="cpu",
+                   source_options=opts)  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tokkit", "encode", str(ckpt), str(root), "--out", str(tmp_path / "two"),
+           "--shard-size", "3", "--batch-size", "2", "--workers", "0", "--nproc-per-node", "2", "--device", "cpu",
+           "--image-key", "pic", "--label-key", "cls", "--quiet"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    def tree(out: Path) -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    assert tree(tmp_path / "two") == tree(tmp_path / "one")
