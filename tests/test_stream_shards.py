@@ -119,3 +119,23 @@ def test_damage_and_foreign_state_are_refused(url: str, shard_set: Path) -> None
         list(tokkit.stream_shards(url, shuffle=False))
     with pytest.raises(ShardError, match="no manifest.json"):
         tokkit.stream_shards(url + "/nope")
+
+
+def test_views_all_fixed_and_a_seeded_random_choice(tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset
+
+    ck = make_tiny_checkpoint(tmp_path / "ck")
+    encode_dataset(ck, make_folder(tmp_path / "img", n=4), tmp_path / "s", shard_size=2, workers=0, device="cpu",
+                   views="flip")  # fmt: skip
+    ref = open_shards(tmp_path / "s", view="all")
+    url = f"file://{tmp_path / 's'}"
+    every = list(tokkit.stream_shards(url, shuffle=False, view="all"))
+    assert every[0][0].shape == (2, 8, 8) and all(torch.equal(t, ref[i][0]) for i, (t, _) in enumerate(every))
+    second = list(tokkit.stream_shards(url, shuffle=False, view=1))
+    assert all(torch.equal(t, ref[i][0][1]) for i, (t, _) in enumerate(second))
+    a = [t for t, _ in tokkit.stream_shards(url, shuffle=False, seed=5)]
+    b = [t for t, _ in tokkit.stream_shards(url, shuffle=False, seed=5)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))  # resumable: the choice is seeded, not drawn
+    assert all(any(torch.equal(x, ref[i][0][v]) for v in range(2)) for i, x in enumerate(a))
+    with pytest.raises(ShardError, match="out of range"):
+        tokkit.stream_shards(url, view=2)
