@@ -385,7 +385,8 @@ def open_source(
     if unread:
         flags = ", ".join("--" + k.replace("_", "-") for k in unread)
         kinds = ", ".join(sorted({x for k in unread for x in _OPTION_KINDS[k]}))
-        raise DataError(f"{flags} does not apply to {source.kind} data ({text}): only to {kinds}")
+        hint = "; for a Hugging Face data folder pass --source-kind hf" if source.kind == "parquet" else ""
+        raise DataError(f"{flags} does not apply to {source.kind} data ({text}): only to {kinds}{hint}")
     return source
 
 
