@@ -16,6 +16,7 @@ Public API::
     ds = tokkit.open_shards("shards/")                     # token shards (tokkit encode) as a torch Dataset
     tokens, label = ds[0]                                  # (h, w) int64, class index (-1: unlabeled)
     sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
+    stream = tokkit.stream_shards("s3://b/shards")         # an fsspec URL as a resumable, rank-aware IterableDataset
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
 
@@ -38,6 +39,7 @@ _LAZY = {
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
     "ShardSampler": "tokkit.sampler",
+    "stream_shards": "tokkit.shard_stream",
     "QuantizerOutput": "tokkit.quantizers",
     "Quantizer": "tokkit.quantizers",
     "VQ": "tokkit.quantizers",
