@@ -220,3 +220,30 @@ def test_float64_forward_agrees_to_rounding(one_thread) -> None:
         rec, out = tok(x)
         assert torch.equal(out.indices.flatten(), idx.long())
         assert (rec - model.decode(codes)).abs().max().item() <= 1e-12
+
+
+def test_convert_cli_names_the_variant_and_takes_raw_weights(tmp_path, one_thread) -> None:
+    """`--variant` names a release the shapes cannot tell (recorded for bench); `--raw-weights` skips the EMA copy."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tokkit.cli.app import app
+
+    sd = _small_peer().state_dict()
+    ema = {"model_ema." + k.replace(".", ""): v + 1.0 for k, v in sd.items()}
+    ckpt = tmp_path / "pretrain.ckpt"
+    torch.save({"state_dict": {**sd, **ema}}, ckpt)
+    runner = CliRunner()
+    res = runner.invoke(app, ["convert", str(ckpt), "--out", str(tmp_path / "a"), "--variant", "pretrain_x", "-q"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["extra"]["provenance"]["variant"] == "pretrain_x"
+    res = runner.invoke(app, ["convert", str(ckpt), "--out", str(tmp_path / "b"), "--raw-weights", "-q"])
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))["encoder.conv_in.weight"]
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))["encoder.conv_in.weight"]
+    torch.testing.assert_close(a, sd["encoder.conv_in.weight"] + 1.0)  # EMA by default
+    assert torch.equal(b, sd["encoder.conv_in.weight"])

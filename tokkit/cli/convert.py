@@ -41,7 +41,8 @@ def convert(
     family: Annotated[
         str | None,
         typer.Option(
-            "--family", help="Force a family: taming, llamagen, diffusers, open-magvit2 or maskbit (default: detected)."
+            "--family",
+            help="Force a family: taming, llamagen, diffusers, open-magvit2, maskbit or ibq (default: detected).",
         ),
     ] = None,
     resolution: Annotated[
@@ -51,6 +52,18 @@ def convert(
             help="Image side the tokenizer preprocesses to (default: the peer's training size when known, else 256).",
         ),
     ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant", show_default=False,
+            help="Name the release when shapes cannot tell it (e.g. pretrain_256_262144 for Open-MAGVIT2's pretrain "
+            "tokenizer); recorded in the provenance and used by bench to place published numbers.",
+        ),
+    ] = None,
+    raw_weights: Annotated[
+        bool,
+        typer.Option("--raw-weights", help="Take the raw training weights, not the EMA ones (Open-MAGVIT2, IBQ)."),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -65,7 +78,7 @@ def convert(
 
     res = convert_source(
         source, out, config, "cpu", family=family, overwrite=force, resolution=resolution,
-        reporter=RichReporter(enabled=not quiet),
+        variant=variant, ema=not raw_weights, reporter=RichReporter(enabled=not quiet),
     )  # fmt: skip
     tok, prov = res.tokenizer, res.provenance
     params = sum(p.numel() for p in tok.parameters())

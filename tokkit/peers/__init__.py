@@ -173,6 +173,8 @@ def convert_source(
     family: str | None = None,
     overwrite: bool = False,
     resolution: int | None = None,
+    variant: str | None = None,
+    ema: bool = True,
     reporter: Reporter | None = None,
 ) -> Conversion:
     """Read a peer checkpoint, convert it to a tokkit ``Tokenizer`` and optionally save it.
@@ -186,6 +188,10 @@ def convert_source(
         overwrite: replace an existing ``out`` (otherwise refused).
         resolution: the image side the tokenizer preprocesses to (``encode_images``, ``tokkit encode``), instead of the
             family's default (e.g. 512 for aMUSEd-512, whose config does not say); a multiple of the downsampling.
+        variant: the variant name to record, for releases the shapes cannot tell apart (Open-MAGVIT2's
+            ``pretrain_256_262144`` has ``imagenet_256_L``'s shapes); families that can check it refuse a contradiction.
+        ema: use the EMA weights when the checkpoint holds them (Open-MAGVIT2, IBQ: what their authors evaluate);
+            False takes the raw training weights.
         reporter: progress phases (read, convert, save).
 
     Returns:
@@ -210,6 +216,10 @@ def convert_source(
     src: PeerSource = read_source(source, config)
     rep.advance(1)
     extra = {"source": src.name, **src.extra}  # the name as given: a variant hint (LlamaGen's vq_ds16_c2i.pt)
+    if variant:
+        extra["variant"] = str(variant)
+    if not ema:
+        extra["ema"] = False
     fam = get_family(family) if family else detect_family(src.state, extra, src.name)
     try:
         tcfg, state, variant = fam.convert(src.state, extra)
