@@ -374,3 +374,17 @@ def test_a_llamagen_training_checkpoint_converts_by_its_file_name(tmp_path: Path
     with torch.no_grad():
         _, _, (_, _, ref) = peer.quantize(peer.quant_conv(peer.encoder(x)))
         assert torch.equal(tokkit.load(out).encode(x).flatten(), ref.flatten())
+
+
+def test_encode_given_a_peer_file_says_to_convert_it_first(tmp_path) -> None:
+    """A peer's .ckpt handed to encode/decode/bench is refused in one line that names `tokkit convert`."""
+    from typer.testing import CliRunner
+
+    from tokkit.cli.app import app
+
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"not read")
+    res = CliRunner().invoke(app, ["encode", str(ckpt), "sample", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"tokkit convert {ckpt} --out DIR" in lines[0]

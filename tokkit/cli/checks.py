@@ -26,6 +26,11 @@ def checkpoint(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: pass a folder with {_WEIGHTS} and {_CONFIG} (e.g. runs/NAME)")
     if not path.is_dir():
+        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".safetensors"):
+            raise CheckpointError(
+                f"{path} is a file, not a tokkit checkpoint: if it is a peer's tokenizer (taming, LlamaGen, "
+                f"Open-MAGVIT2, MaskBit, IBQ), convert it first: tokkit convert {path} --out DIR"
+            )
         raise CheckpointError(f"{path} is a file; a checkpoint is a folder with {_WEIGHTS} and {_CONFIG}")
     return path
 
