@@ -231,6 +231,20 @@ def bench(
     if out_dir is not None:
         prepare_out_dir(out_dir)  # a file in the way or a read-only folder: now, not after the whole run
 
+    stats_meta = {
+        "protocol": proto.name,
+        "resolution": plans[0]["resolution"],
+        "resize": proto.resize,
+        "to_uint8": proto.to_uint8,
+        "data_fingerprint": fingerprint,
+        "data_spec": str(data),
+        "images_in_source": n_total,
+        "selection": selection,
+        "inception_sha256": None,
+    }
+    if ref is not None:
+        check_ref_stats(ref, ref_path, stats_meta, n_use)  # before any slow work (the weights' hash comes below)
+
     # metric networks, loaded once and shared by every checkpoint
     unavailable: dict[str, str] = {}
     fid = lp = None
@@ -246,21 +260,11 @@ def bench(
             unavailable["lpips"] = f"LPIPS unavailable: {e}"
     for reason in unavailable.values():
         rep.message(reason)
-    stats_meta = {
-        "protocol": proto.name,
-        "resolution": plans[0]["resolution"],
-        "resize": proto.resize,
-        "to_uint8": proto.to_uint8,
-        "data_fingerprint": fingerprint,
-        "data_spec": str(data),
-        "images_in_source": n_total,
-        "selection": selection,
-        "inception_sha256": fid.weights[0]["sha256"] if fid is not None else None,
-    }
+    stats_meta["inception_sha256"] = fid.weights[0]["sha256"] if fid is not None else None
     real_cache: dict[int, dict[str, Tensor]] = {}  # resolution -> FID reference sums (global over ranks)
     reference = None
     if ref is not None:
-        reference = check_ref_stats(ref, ref_path, stats_meta, n_use)
+        reference = check_ref_stats(ref, ref_path, stats_meta, n_use)  # now with the Inception weights' hash too
         real_cache[plans[0]["resolution"]] = {k: v.to(dev) for k, v in ref.fid_state().items()}
 
     environment = {
@@ -307,6 +311,10 @@ def bench(
             _on_rank0(lambda r=ref: M.write_ref_stats(ref_path, r))
             res.protocol["ref_stats_written"] = str(ref_path)
         del model
+    if ref_path is not None and ref is None:
+        line = f"--ref-stats {ref_path} was not written: rFID was not measured (see the notes), so no reference exists"
+        results[0].warnings.append(line)
+        rep.message(line)
     result = BenchResult(results, environment)
     if out_dir is not None:
         if info.is_main:
