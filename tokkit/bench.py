@@ -1,12 +1,13 @@
-"""``bench``: reconstruction quality and codebook usage of tokenizer checkpoints under a written protocol.
+"""``bench``: reconstruction quality and codebook usage of tokenizer checkpoints under a named, recorded protocol.
 
-For each checkpoint the images are read at the checkpoint's resolution (resize shorter side + center crop, uint8),
-tokenized, decoded, and the reconstructions rounded to uint8 before any metric; the reference is the same
-preprocessed inputs. Everything is accumulated batch by batch (FID running sums, metric sums, code counts), so memory
-does not grow with the number of images; only 8 images, spread over the set, are kept for the reconstruction grid.
+For each checkpoint the images are read the protocol's way (``tokkit.protocols``: resize + center crop, resolution,
+uint8), tokenized, decoded, and the reconstructions made uint8 before any metric; the FID reference is the same
+preprocessed inputs, or statistics from ``ref_stats``. Everything is accumulated batch by batch (FID running sums,
+metric sums, code counts), so memory does not grow with the number of images; only 8 images, spread over the set,
+are kept for the reconstruction grid. Under torchrun the images are split over the ranks and the sums all-reduced.
 
     from tokkit.bench import bench
-    result = bench(["runs/a/checkpoint"], "photos/", out="bench_out", num_images=1000)
+    result = bench(["runs/a/checkpoint"], "photos/", out="bench_out", num_images=1000, protocol="llamagen")
     result.results[0].metrics["psnr"]
 """
 
@@ -735,10 +736,14 @@ __all__ = [
     "METRICS",
     "BenchResult",
     "CheckpointResult",
+    "ProtocolImages",
     "TokenUsage",
     "bench",
+    "check_ref_stats",
     "library_versions",
     "prepare_out_dir",
+    "run_plan",
     "subset_indices",
+    "to_uint8",
     "training_data_warning",
 ]
