@@ -379,7 +379,8 @@ def plot_rate_distortion(plt: Any, results: list[CheckpointResult]) -> Any:
             paper = [(r.tokenizer["bits_per_pixel"], p.rfid) for r in ordered for p in comparable_published(r)]
             if paper:
                 ax.plot([p[0] for p in paper], [p[1] for p in paper], "s", mfc="none", label="published")
-            ax.legend(fontsize=7)
+            if pts or paper:
+                ax.legend(fontsize=7)
         ax.set_xlabel("bits per pixel")
         ax.set_title(label, fontsize=10)
         ax.grid(True, alpha=0.3)
