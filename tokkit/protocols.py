@@ -241,8 +241,8 @@ class Published:
     Attributes:
         peer: the converter family that writes ``extra["provenance"]["peer"]`` ("taming", "llamagen", "diffusers",
             "open-magvit2", "maskbit"), or the paper's name where tokkit has no converter ("titok").
-        variant: the checkpoint, as the converter's ``variant`` (matched case-insensitively, ``-``/``_``/``.``
-            ignored, also as a suffix, e.g. "vqgan_imagenet_f16_1024" matches "taming-vqgan_imagenet_f16_1024").
+        variant: the checkpoint, as the converter's ``variant`` (matched case-insensitively with ``-``/``_``/``.``
+            ignored, also as a suffix: "vq_ds16_c2i" matches "llamagen-vq_ds16_c2i").
         rfid: the published number.
         resolution: image side it was measured at.
         protocol: the tokkit protocol that reproduces the measurement, or None when none does (the paper's own
@@ -259,30 +259,36 @@ class Published:
 
 
 PUBLISHED: tuple[Published, ...] = (
-    Published("taming", "vqgan_imagenet_f16_1024", 7.94, 256, None,
-              "taming-transformers README (reconstruction FID, ImageNet val)"),
-    Published("taming", "vqgan_imagenet_f16_16384", 4.98, 256, None,
-              "taming-transformers README (reconstruction FID, ImageNet val)"),
-    Published("taming", "vqgan_imagenet_f16_1024", 7.96, 256, "maskbit",
+    # taming: variant "f{factor}-{n_embed}" (tokkit.peers.taming)
+    Published("taming", "f16-1024", 7.94, 256, None, "taming-transformers README (reconstruction FID, ImageNet val)"),
+    Published("taming", "f16-16384", 4.98, 256, None, "taming-transformers README (reconstruction FID, ImageNet val)"),
+    Published("taming", "f16-1024", 7.96, 256, "maskbit",
               "MaskBit README, Taming-VQGAN (10 bits) re-measured with eval_tokenizer.py"),
+    # LlamaGen: "vq_ds16_c2i" / "vq_ds8_c2i" when the source file names it (tokkit.peers.llamagen)
     Published("llamagen", "vq_ds16_c2i", 2.19, 256, "llamagen", "LlamaGen README / paper Table 2 (16x16 tokens)"),
     Published("llamagen", "vq_ds8_c2i", 0.59, 256, "llamagen", "LlamaGen README (32x32 tokens)"),
-    Published("diffusers", "maskgit-vqgan", 2.28, 256, None, "MaskGIT paper Table (its own TF pipeline)"),
-    Published("diffusers", "maskgit-vqgan", 1.96, 256, "maskbit",
+    # MaskGIT's ImageNet VQGAN (1024 codes, f16) as a diffusers VQModel ("maskgit-vqgan-f16-k1024") or MaskBit's port
+    Published("diffusers", "maskgit-vqgan-f16-k1024", 2.28, 256, None, "MaskGIT paper (its own TF pipeline)"),
+    Published("diffusers", "maskgit-vqgan-f16-k1024", 1.96, 256, "maskbit",
               "MaskBit README, MaskGIT-Tokenizer (10 bits) re-measured with eval_tokenizer.py"),
+    Published("maskbit", "maskgit_tokenizer", 2.28, 256, None, "MaskGIT paper (its own TF pipeline)"),
+    Published("maskbit", "maskgit_tokenizer", 1.96, 256, "maskbit", "MaskBit README, MaskGIT-Tokenizer (10 bits)"),
+    # Open-MAGVIT2: tokkit.peers.open_magvit2 variants
     Published("open-magvit2", "imagenet_256_L", 1.17, 256, "open-magvit2", "Open-MAGVIT2 docs, IN256_Large"),
     Published("open-magvit2", "imagenet_128_L", 1.18, 128, "open-magvit2", "Open-MAGVIT2 docs, IN128_Large"),
-    Published("open-magvit2", "pretrain256_262144", 1.67, 256, "open-magvit2",
+    Published("open-magvit2", "pretrain_256_262144", 1.67, 256, "open-magvit2",
               "Open-MAGVIT2 docs, Pretrain_256_262144, rFID(In1k)"),
-    Published("open-magvit2", "pretrain256_16384", 2.55, 256, "open-magvit2",
+    Published("open-magvit2", "pretrain_256_16384", 2.55, 256, "open-magvit2",
               "Open-MAGVIT2 docs, Pretrain_256_16384, rFID(In1k)"),
+    # MaskBit: tokkit.peers.maskbit variants
     Published("maskbit", "maskbit_tokenizer_10bit", 1.76, 256, "maskbit", "MaskBit README"),
     Published("maskbit", "maskbit_tokenizer_12bit", 1.52, 256, "maskbit", "MaskBit README"),
     Published("maskbit", "maskbit_tokenizer_14bit", 1.37, 256, "maskbit", "MaskBit README"),
     Published("maskbit", "maskbit_tokenizer_16bit", 1.29, 256, "maskbit", "MaskBit README"),
     Published("maskbit", "maskbit_tokenizer_18bit", 1.16, 256, "maskbit", "MaskBit README (17 bits live)"),
-    Published("maskbit", "vqgan_plus_paper", 1.67, 256, "maskbit", "MaskBit README, VQGAN+ (10 bits, paper)"),
+    Published("maskbit", "vqgan_plus_10bit", 1.67, 256, "maskbit", "MaskBit README, VQGAN+ (10 bits, from the paper)"),
     Published("maskbit", "vqgan_plus_12bit", 1.39, 256, "maskbit", "MaskBit README, VQGAN+ (12 bits)"),
+    # TiTok (no tokkit converter: 1D tokenizers): listed for the titok protocol's reference rows
     Published("titok", "tokenizer_titok_l32_imagenet", 2.21, 256, "titok", "TiTok README"),
     Published("titok", "tokenizer_titok_b64_imagenet", 1.70, 256, "titok", "TiTok README"),
     Published("titok", "tokenizer_titok_s128_imagenet", 1.71, 256, "titok", "TiTok README"),
