@@ -166,7 +166,7 @@ def test_checkpoint_does_not_import_the_tokenizer() -> None:
         "import tokkit.models.tokenizer, tokkit.checkpoint",
         "from tokkit.checkpoint import load, load_with_meta; import tokkit.models.tokenizer as t;"
         " assert load is t.load and load_with_meta is t.load_with_meta",
-        "import tokkit; from tokkit.models.tokenizer import load; assert tokkit.load is load",
+        "import tokkit; from tokkit.loading import load; assert tokkit.load is load",
         "import tokkit.report, tokkit.bench",
         "import tokkit.bench, tokkit.report",
     ],

@@ -24,8 +24,10 @@ SHARED = {
     "workers": (["--workers", "-j"], None, {"train", "encode", "bench"}),
     "batch_size": (["--batch-size", "-b"], None, {"train", "encode", "decode", "bench"}),
     "num_images": (["--num-images", "-n"], None, {"decode", "bench"}),
-    "quiet": (["--quiet", "-q"], False, {"train", "encode", "decode", "verify", "bench", "export"}),
-    "json_out": (["--json"], False, {"train", "encode", "decode", "verify", "info", "bench", "presets", "export"}),
+    "quiet": (["--quiet", "-q"], False, {"train", "encode", "decode", "verify", "bench", "export", "convert"}),
+    "json_out": (
+        ["--json"], False, {"train", "encode", "decode", "verify", "info", "bench", "presets", "export", "convert"}
+    ),
     "device": (["--device"], "auto", {"train", "encode", "decode", "bench"}),
 }
 
@@ -124,6 +126,8 @@ def test_version() -> None:
         ["decode", "{tmp}", "{tmp}/nope.npy", "--out", "{tmp}/o"],
         ["verify", "{tmp}/nope"],
         ["info", "{tmp}/nope"],
+        ["convert", "{tmp}/nope.ckpt", "--out", "{tmp}/o"],
+        ["convert", "{tmp}", "--out", "{tmp}"],
         ["bench", "{tmp}/nope", "--data", "sample"],
         ["bench", "{tmp}", "--data", "sample", "--metrics", "fid"],
         ["train", "--set", "train.grad_clip=-1", "--out", "{tmp}/r"],

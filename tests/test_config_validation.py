@@ -34,6 +34,12 @@ BAD = {
         "spatial_norm": ["no", 0],
         "quantizer": ["nope", "", 3],
         "quantizer_kwargs": [{"dim": 3}, {"levels": [1, 5, 5]}, {"levls": [5, 5, 5]}, {}, [5, 5, 5], "levels"],
+        "arch": ["nope", "", 3, "VQGAN"],
+        "arch_kwargs": [{"nope": 1}, {"z_channels": 8}, "x", [1], {"1x": 2}],
+        "attn_levels": [[-1], [0, 0], [3], [1.5], "1", 1],  # [3]: only 3 levels (channel_mult [1, 2, 2])
+        "decoder_res_blocks": [-1, 1.5, "x"],
+        "quant_conv": ["yes", 1],
+        "embed_dim": [0, -1, 7, "8"],  # 7: differs from z_channels 3 without quant_conv
     },
     "train": {
         "steps": [0, -5, 1.5, "many"],
@@ -112,6 +118,9 @@ def test_bad_value_is_refused_naming_the_field(section, field, value):
         ("train", {"recon_weight": 0.0, "perceptual": "lpips", "perceptual_weight": 1.0}),  # perceptual-only is fine
         ("train", {"warmup_steps": 500, "steps": 10}),  # a short smoke run of a preset keeps its warm-up
         ("tokenizer", {"num_res_blocks": 0, "channel_mult": [1], "resolution": 7, "z_channels": 5}),
+        ("tokenizer", {"attn_levels": [2, 0], "decoder_res_blocks": 0, "embed_dim": 3, "arch": "vqgan"}),
+        ("tokenizer", {"quant_conv": True, "embed_dim": 8, "quantizer": "vq", "spatial_norm": True,
+                       "quantizer_kwargs": {"codebook_size": 16, "cosine": True}, "decoder_res_blocks": 3}),
         ("tokenizer", {"quantizer": "residual", "z_channels": 4,
                        "quantizer_kwargs": {"stages": [{"name": "fsq", "levels": [5, 5]}, {"name": "vq",
                                                                                            "codebook_size": 16}]}}),

@@ -103,22 +103,64 @@ def test_parquet(shard_set: Path, tmp_path: Path) -> None:
         import datasets  # noqa: F401  (only when it happens to be installed)
     except ImportError:
         return
-    hf = datasets.load_dataset("parquet", data_dir=str(tmp_path / "out"), split="train")
+    hf = datasets.load_dataset(  # data_files: datasets 5 reads every file of a data_dir, _export.json too
+        "parquet", data_files=str(tmp_path / "out" / "tokens-*.parquet"), split="train", cache_dir=str(tmp_path / "c")
+    )
     assert hf["label"] == labels
 
 
-@pytest.mark.parametrize("fmt", ["llamagen", "webdataset"])
+def test_mds(shard_set: Path, tmp_path: Path) -> None:
+    streaming = pytest.importorskip("streaming", reason="mds export writes with mosaicml-streaming (tokkit[export])")
+    tokens, labels, keys = expected(shard_set)
+    res = export_shards(shard_set, tmp_path / "out", "mds")
+    assert (res.written, res.skipped) == (3, 0)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert [s["raw_data"]["basename"] for s in index["shards"]] == [f"tokens-{i:06d}/shard.00000.mds" for i in range(3)]
+    streaming.base.util.clean_stale_shared_memory()
+    ds = streaming.StreamingDataset(local=str(tmp_path / "out"), remote=None, shuffle=False, batch_size=1)
+    assert len(ds) == 7
+    rows = [ds[i] for i in range(7)]
+    assert [r["key"] for r in rows] == keys and [r["label"] for r in rows] == labels
+    for t, r in zip(tokens, rows, strict=True):
+        assert r["tokens"].dtype == np.int32
+        np.testing.assert_array_equal(r["tokens"], t)
+    one = streaming.base.format.reader_from_json(str(tmp_path / "out"), None, index["shards"][1])
+    np.testing.assert_array_equal(one.get_item(0)["tokens"], tokens[3])  # the reader alone, shard by shard
+
+
+def test_overwrite_removes_an_mds_export_and_keeps_foreign_files(shard_set: Path, tmp_path: Path) -> None:
+    pytest.importorskip("streaming", reason="mds export writes with mosaicml-streaming (tokkit[export])")
+    out = tmp_path / "out"
+    export_shards(shard_set, out, "mds")
+    export_shards(shard_set, out, "jsonl", overwrite=True)
+    assert not (out / "index.json").exists() and not list(out.glob("tokens-*/*"))
+    foreign = tmp_path / "o2"
+    foreign.mkdir()
+    (foreign / "index.json").write_text('{"version": 2, "shards": [{"raw_data": {"basename": "mine.mds"}}]}')
+    export_shards(shard_set, foreign, "jsonl", overwrite=True)
+    assert (foreign / "index.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["llamagen", "webdataset", "mds"])
 def test_resume_rewrites_only_missing_files(shard_set: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
     export_shards(shard_set, out, fmt)
-    victim = out / ("imagenet16_codes/4.npy" if fmt == "llamagen" else "tokens-000001.tar")
+    if fmt == "mds":
+        pytest.importorskip("streaming", reason="mds export writes with mosaicml-streaming (tokkit[export])")
+    victim = out / {"llamagen": "imagenet16_codes/4.npy", "webdataset": "tokens-000001.tar",
+                    "mds": "tokens-000001/shard.00000.mds"}[fmt]  # fmt: skip
     before = victim.read_bytes()
     victim.unlink()
-    (out / f".{victim.name}.tmp-0123abcd").write_bytes(b"half")  # what a kill -9 leaves: never read
+    if fmt == "mds":  # a folder is complete when its index.json is there: a killed write leaves none
+        (out / "tokens-000001" / "index.json").unlink()
+        (out / ".tokens-000001.tmp-0123abcd").mkdir()
+    else:
+        (out / f".{victim.name}.tmp-0123abcd").write_bytes(b"half")  # what a kill -9 leaves: never read
     rep = RecordingReporter()
     res = export_shards(shard_set, out, fmt, reporter=rep)
     assert res.written == 1 and res.skipped == (13 if fmt == "llamagen" else 2)
     assert victim.read_bytes() == before and rep.last_completed == 7
+    assert not (out / ".tokens-000001.tmp-0123abcd").exists()
     assert export_shards(shard_set, out, fmt, overwrite=True).written == res.written + res.skipped
     assert json.loads((out / "_export.json").read_text())["complete"] is True
 
@@ -137,7 +179,7 @@ def test_refuses_another_export_and_a_broken_set(shard_set: Path, tmp_path: Path
         export_shards(broken, tmp_path / "o2", "jsonl")
     assert not (tmp_path / "o2").exists()
     with pytest.raises(ConfigError, match="unknown export format"):
-        export_shards(shard_set, tmp_path / "o3", "mds")
+        export_shards(shard_set, tmp_path / "o3", "msd")
 
 
 def test_cli(shard_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +193,7 @@ def test_cli(shard_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert r.exit_code == 0 and json.loads(r.stdout)["skipped"] == 3
     for args, needle in [
         (["export", str(tmp_path / "nope"), "-f", "jsonl", "-o", str(tmp_path / "x")], "no shard set at"),
-        (["export", str(shard_set), "-f", "mds", "-o", str(tmp_path / "x")], "unknown --format 'mds'"),
+        (["export", str(shard_set), "-f", "msd", "-o", str(tmp_path / "x")], "unknown --format 'msd'"),
     ]:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -136,3 +136,27 @@ def test_a_rank_error_is_its_one_line_without_torchrun_traceback(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert lines and all(ln.startswith("error: nothing to resume") for ln in lines), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["train", "encode"])
+def test_launch_options_reach_torchrun_and_not_the_ranks(monkeypatch, tmp_path, command):
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    seen = {}
+
+    def fake(nproc, args, device=None, nodes=None):
+        seen.update(nproc=nproc, args=list(args), nodes=nodes)
+        return 0
+
+    monkeypatch.setattr(tdist, "relaunch_under_torchrun", fake)
+    args = {"train": ["train", "--out", str(tmp_path / "run"), "--init-from", str(ckpt), "--freeze", "quantizer"],
+            "encode": ["encode", str(ckpt), "sample", "--out", str(tmp_path / "shards")]}[command]
+    launch = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.1.2.3", "--master-port", "2345"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", *launch])
+    assert result.exit_code == 0, result.output
+    assert seen["nproc"] == 1 and seen["nodes"] == tdist.Nodes(2, 1, "10.1.2.3", 2345)
+    assert not {"--nnodes", "--node-rank", "--master-addr", "--master-port", "--nproc-per-node"} & set(seen["args"])
+    assert seen["args"][0] == command and "--device" in seen["args"]
+    if command == "train":  # the fine-tune options travel to every rank
+        assert seen["args"][seen["args"].index("--init-from") + 1] == str(ckpt)
+        assert seen["args"][seen["args"].index("--freeze") + 1] == "quantizer"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()

@@ -16,8 +16,13 @@ Public API::
     ds = tokkit.open_shards("shards/")                     # token shards (tokkit encode) as a torch Dataset
     tokens, label = ds[0]                                  # (h, w) int64, class index (-1: unlabeled)
     sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
+    stream = tokkit.stream_shards("s3://b/shards")         # an fsspec URL as a resumable, rank-aware IterableDataset
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
+
+``tokkit.load`` also takes a peer checkpoint (taming ``.ckpt``, LlamaGen ``.pt``, a diffusers ``VQModel`` folder,
+``hf:ORG/REPO/FILE``) and converts it in memory; ``tokkit.convert(SOURCE, out=DIR)`` saves it as a tokkit checkpoint
+with its provenance (``tokkit.peers``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ __version__ = "0.2.0"
 # name -> module that defines it; imported on first use so that `import tokkit` stays light
 _LAZY = {
     "Tokenizer": "tokkit.models.tokenizer",
-    "load": "tokkit.models.tokenizer",
+    "load": "tokkit.loading",
+    "convert": "tokkit.peers",
     "TokenizerConfig": "tokkit.config",
     "open_shards": "tokkit.shards",
     "ShardSampler": "tokkit.sampler",
+    "stream_shards": "tokkit.shard_stream",
     "QuantizerOutput": "tokkit.quantizers",
     "Quantizer": "tokkit.quantizers",
     "VQ": "tokkit.quantizers",

@@ -29,12 +29,22 @@ class TokenizerConfig:
         in_channels: image channels (3 for RGB).
         base_channels: channels of the first encoder level; level i has ``base_channels * channel_mult[i]``.
         channel_mult: one multiplier per level; ``len(channel_mult) - 1`` downsamplings by 2.
-        num_res_blocks: residual blocks per level (encoder and decoder).
+        num_res_blocks: residual blocks per level (encoder, and decoder unless ``decoder_res_blocks``).
         attention: self-attention blocks in the middle (lowest resolution) of encoder and decoder.
-        z_channels: latent channels fed to the quantizer (its ``dim``).
-        spatial_norm: MoVQ spatially conditional normalization: decoder norms modulated by the quantized codes.
+        z_channels: latent channels of the encoder's output and the decoder's input.
+        spatial_norm: MoVQ spatially conditional normalization: decoder norms modulated by the quantized codes (before
+            ``post_quant_conv``, ``embed_dim`` channels).
         quantizer: registered quantizer name (``tokkit.quantizers.list_quantizers()``).
-        quantizer_kwargs: extra keyword arguments of the quantizer (``dim`` is ``z_channels``).
+        quantizer_kwargs: extra keyword arguments of the quantizer (``dim`` is ``embed_dim``).
+        arch: the autoencoder family: ``vqgan`` (``tokkit.models.autoencoder``) or ``magvit2``
+            (``tokkit.models.magvit2``).
+        arch_kwargs: extra keyword arguments of the arch's Encoder and Decoder.
+        attn_levels: levels (0 = full resolution, in encoder order) whose residual blocks are each followed by
+            self-attention, in the encoder and in the decoder level of the same resolution.
+        decoder_res_blocks: residual blocks per decoder level (None = ``num_res_blocks``).
+        quant_conv: 1x1 convolutions ``z_channels -> embed_dim`` before the quantizer and back after it.
+        embed_dim: the quantizer's ``dim`` (None = ``z_channels``); differs from ``z_channels`` only with
+            ``quant_conv``.
     """
 
     resolution: int = 32
@@ -47,6 +57,12 @@ class TokenizerConfig:
     spatial_norm: bool = False
     quantizer: str = "fsq"
     quantizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    arch: str = "vqgan"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    attn_levels: list[int] = field(default_factory=list)
+    decoder_res_blocks: int | None = None
+    quant_conv: bool = False
+    embed_dim: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self, "tokenizer", _TOKENIZER_RULES)
@@ -56,7 +72,25 @@ class TokenizerConfig:
                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)): use a multiple of {self.downsample_factor} "
                 "or fewer channel_mult levels"
             )
-        _check_quantizer(self.quantizer, self.quantizer_kwargs, self.z_channels)
+        levels = len(self.channel_mult)
+        if any(i >= levels for i in self.attn_levels):
+            raise ConfigError(
+                f"tokenizer.attn_levels {_show(self.attn_levels)} must be level numbers in [0, {levels}) "
+                f"(one level per channel_mult entry, 0 = full resolution)"
+            )
+        if not self.quant_conv and self.embed_dim is not None and self.embed_dim != self.z_channels:
+            raise ConfigError(
+                f"tokenizer.embed_dim {self.embed_dim} differs from z_channels {self.z_channels} without quant_conv: "
+                "set tokenizer.quant_conv=true (1x1 convs between them) or leave embed_dim unset"
+            )
+        _check_quantizer(self.quantizer, self.quantizer_kwargs, self.quantizer_dim)
+        if self.arch != "vqgan" or self.arch_kwargs:
+            _check_arch(self)
+
+    @property
+    def quantizer_dim(self) -> int:
+        """Channels the quantizer sees: ``embed_dim``, else ``z_channels``."""
+        return self.z_channels if self.embed_dim is None else self.embed_dim
 
     @property
     def downsample_factor(self) -> int:
@@ -403,6 +437,11 @@ def _unit(closed: bool = False, note: str = "") -> _Rule:
     return _Rule(lambda v: 0 <= v < 1, "in [0, 1)" + (f" ({note})" if note else ""))
 
 
+def _optional(rule: _Rule, none_means: str) -> _Rule:
+    """``rule``, or None."""
+    return _Rule(lambda v: v is None or rule.ok(v), f"{rule.allowed} or null ({none_means})")
+
+
 def _one_of(*allowed: str) -> _Rule:
     return _Rule(lambda v: v in allowed, f"one of {', '.join(allowed)}")
 
@@ -421,7 +460,15 @@ _TOKENIZER_RULES: dict[str, _Rule] = {
     "z_channels": _at_least(1),
     "spatial_norm": _ANY_BOOL,
     "quantizer": _Rule(lambda v: bool(v), "a registered quantizer name"),  # the registry is asked after the ranges
-    "quantizer_kwargs": _Rule(lambda v: "dim" not in v, "a dict without 'dim' (dim is tokenizer.z_channels)"),
+    "quantizer_kwargs": _Rule(lambda v: "dim" not in v, "a dict without 'dim' (dim is tokenizer.embed_dim)"),
+    "arch": _one_of("vqgan", "magvit2"),  # the module of each: tokkit.models.tokenizer.ARCHS
+    "arch_kwargs": _Rule(lambda v: all(isinstance(k, str) and k.isidentifier() for k in v),
+                         "a dict of keyword arguments of the arch's Encoder and Decoder"),
+    "attn_levels": _Rule(lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
+                         "a list of distinct level numbers >= 0 (0 = full resolution)"),
+    "decoder_res_blocks": _optional(_at_least(0), "None = num_res_blocks"),
+    "quant_conv": _ANY_BOOL,
+    "embed_dim": _optional(_at_least(1), "None = z_channels"),
 }
 
 _TRAIN_RULES: dict[str, _Rule] = {
@@ -519,8 +566,40 @@ def _build_quantizer_check(name: str, z_channels: int, kwargs: dict[str, Any]) -
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(
             f"tokenizer.quantizer_kwargs {_show(kwargs)} are not accepted by quantizer "
-            f"{name!r} (dim = tokenizer.z_channels = {z_channels}): {first}"
+            f"{name!r} (dim = tokenizer.embed_dim, else z_channels, = {z_channels}): {first}"
         ) from None
+
+
+def _check_arch(cfg: TokenizerConfig) -> None:
+    """Build the arch's Encoder and Decoder once on the meta device, so that a missing module or bad kwargs fail now."""
+    try:
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tokenizer.arch_kwargs {_show(cfg.arch_kwargs)} must hold JSON values") from None
+    import torch
+
+    from tokkit.models.tokenizer import ARCHS, arch_modules, decoder_kwargs, encoder_kwargs
+
+    key += ARCHS.get(cfg.arch, "")
+    if key in _ARCH_CHECKED:
+        return
+
+    encoder_cls, decoder_cls = arch_modules(cfg.arch)
+    enc_kw, dec_kw = encoder_kwargs(cfg), decoder_kwargs(cfg)  # ConfigError for keywords the arch does not take
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            encoder_cls(**enc_kw)
+            decoder_cls(**dec_kw)
+    except Exception as e:  # anything the arch refuses to be built with is a config mistake
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"tokenizer.arch_kwargs {_show(cfg.arch_kwargs)} are not accepted by arch {cfg.arch!r}: {first}"
+        ) from None
+    if len(_ARCH_CHECKED) < 256:
+        _ARCH_CHECKED.add(key)
+
+
+_ARCH_CHECKED: set[str] = set()  # configs (as sorted JSON) whose arch was built once
 
 
 def check_compatible(tokenizer: TokenizerConfig, train: TrainConfig) -> None:

@@ -1,6 +1,9 @@
 """torch.distributed helpers: init from torchrun's environment, rank queries, and the ``--nproc-per-node`` relaunch.
 
-Without torchrun's variables everything runs single-process (rank 0 of 1) and every helper is a no-op.
+Without torchrun's variables everything runs single-process (rank 0 of 1) and every helper is a no-op. More than one
+machine: every node runs the same command with its own ``Nodes`` (``--nnodes N --node-rank R --master-addr HOST
+--master-port PORT``), relaunched under torchrun's static rendezvous at node 0; the run folder (or shard set) and the
+data must be at the same path on a file system that every node sees.
 
 The relaunch is a chain ``tokkit`` (the launcher) -> torchrun -> ranks, and the chain dies as one: torchrun gets
 SIGKILL when the launcher dies (Linux ``PR_SET_PDEATHSIG``), and each rank watches its parent and kills itself when
@@ -186,12 +189,66 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun_command(nproc_per_node: int, module_args: Sequence[str], port: int | None = None) -> list[str]:
-    """The ``python -m torch.distributed.run ... -m tokkit <module_args>`` command line for one node."""
+DEFAULT_MASTER_PORT = 29500  # torchrun's
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """This machine's place in a multi-machine run: torchrun's static rendezvous (``--nnodes`` ... ``--master-port``).
+
+    Every node runs the same command with its own ``node_rank``; node 0 hosts the rendezvous at
+    ``master_addr:master_port``. Global ranks are ``node_rank * nproc_per_node + local_rank``.
+
+    Attributes:
+        nnodes: machines in the run.
+        node_rank: this machine's index in ``0 .. nnodes - 1``.
+        master_addr: node 0's address, reachable from every node (required when ``nnodes > 1``; default 127.0.0.1).
+        master_port: a free TCP port on node 0, the same on every node (default: 29500 with several nodes, a free
+            local port with one).
+    """
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    def check(self) -> Nodes:
+        """Return self, or raise ``ConfigError`` (one line saying what to pass) for values torchrun cannot use."""
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} is out of range for --nnodes {self.nnodes}: give 0 .. "
+                              f"{self.nnodes - 1} (0 on the machine at --master-addr)")
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"--master-port {self.master_port} is not a TCP port: give 1 .. 65535 (the same on "
+                              "every node)")
+        if self.master_addr is not None and not self.master_addr.strip():
+            raise ConfigError("--master-addr is empty: give node 0's host name or IP address")
+        if self.nnodes > 1 and self.master_addr is None:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --master-addr HOST: node 0's address, reachable from "
+                              f"every node (and the same --master-port on each, default {DEFAULT_MASTER_PORT})")
+        return self
+
+    def torchrun_args(self, port: int | None = None) -> list[str]:
+        """torchrun's ``--nnodes .. --master-port`` arguments; ``port``: the local default for one node."""
+        default = DEFAULT_MASTER_PORT if self.nnodes > 1 else (port or free_port())
+        return ["--nnodes", str(self.nnodes), "--node-rank", str(self.node_rank),
+                "--master-addr", self.master_addr or "127.0.0.1", "--master-port", str(self.master_port or default)]
+
+
+def torchrun_command(nproc_per_node: int, module_args: Sequence[str], port: int | None = None,
+                     nodes: Nodes | None = None) -> list[str]:
+    """The ``python -m torch.distributed.run ... -m tokkit <module_args>`` command line for this node.
+
+    Args:
+        nproc_per_node: processes on this node.
+        module_args: the ``tokkit`` command and its arguments (without the launch options).
+        port: the rendezvous port on one node (default: a free one); ``nodes.master_port`` wins.
+        nodes: the multi-machine placement (default: one node).
+    """
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc-per-node", str(int(nproc_per_node)),
-        "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
+        *(nodes or Nodes()).torchrun_args(port), "--nproc-per-node", str(int(nproc_per_node)),
         "-m", "tokkit", *module_args,
     ]  # fmt: skip
 
@@ -317,20 +374,24 @@ def _torchrun_quietly(argv: Sequence[str]) -> int:
     return 0
 
 
-def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], device: str | None = None) -> int:
+def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], device: str | None = None,
+                            nodes: Nodes | None = None) -> int:
     """Run ``tokkit <module_args>`` as ``nproc_per_node`` processes under torchrun on this node; returns the exit code.
 
-    The caller must strip ``--nproc-per-node`` from ``module_args`` (or the children would relaunch again). The GPU
-    count is checked first (``device``, default: the ``--device`` in ``module_args``), torchrun and its ranks die
-    with this process (see ``watch_launcher``), and a failed rank's own error is all that is printed.
+    The caller must strip the launch options (``--nproc-per-node``, ``--nnodes`` ...) from ``module_args`` (or the
+    children would relaunch again). The GPU count is checked first (``device``, default: the ``--device`` in
+    ``module_args``), torchrun and its ranks die with this process (see ``watch_launcher``), and a failed rank's own
+    error is all that is printed. ``nodes``: this machine's place in a multi-machine run (default: one node).
     """
     if launched_by_torchrun():
-        raise ConfigError("already running under torchrun: drop --nproc-per-node (torchrun sets the process count)")
+        raise ConfigError("already running under torchrun: drop --nproc-per-node / --nnodes (torchrun sets the "
+                          "process count)")
+    nodes = (nodes or Nodes()).check()
     check_gpus_for(nproc_per_node, device or _option(module_args, "--device") or "auto")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(nproc_per_node))))
     env[_LAUNCHER_ENV] = str(os.getpid())
-    torchrun = torchrun_command(nproc_per_node, module_args)
+    torchrun = torchrun_command(nproc_per_node, module_args, nodes=nodes)
     assert torchrun[1:3] == ["-m", "torch.distributed.run"]
     quiet = "import sys; from tokkit.distributed import _torchrun_quietly as t; sys.exit(t(sys.argv[1:]))"
     with subprocess.Popen([sys.executable, "-c", quiet, *torchrun[3:]], env=env,
@@ -346,7 +407,9 @@ def relaunch_under_torchrun(nproc_per_node: int, module_args: Sequence[str], dev
 
 
 __all__ = [
+    "DEFAULT_MASTER_PORT",
     "DistInfo",
+    "Nodes",
     "all_reduce_mean_",
     "all_reduce_sum_",
     "barrier",

@@ -175,7 +175,8 @@ def build_plan(
         "dtype": codes_dtype(int(tokenizer.codebook_size)).name,
         "codes_shape": ([n_views] if n_views > 1 else []) + index_shape,
         "class_to_idx": dict(source.class_to_idx),
-        "source": {"root": source.root, "kind": source.kind, "count": len(source), "sha256": source.fingerprint()},
+        "source": {"root": source.root, "kind": source.kind, "count": len(source), "sha256": source.fingerprint(),
+                   **({"options": dict(source.options)} if source.options else {})},
         "shard_size": int(shard_size),
         **({"run": run} if run else {}),
     }
@@ -193,6 +194,9 @@ def _identity(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def _diff_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
+    old_opts, new_opts = old.get("source", {}).get("options", {}), new["source"].get("options", {})
+    if old_opts != new_opts:
+        return f"the source options changed ({old_opts or 'defaults'} -> {new_opts or 'defaults'})"
     if old.get("source", {}).get("sha256") != new["source"]["sha256"]:
         n_old, n_new = old.get("source", {}).get("count"), new["source"]["count"]
         if n_old != n_new:
@@ -339,6 +343,7 @@ def encode_dataset(
     overwrite: bool = False,
     repair: bool = False,
     reporter: Reporter | None = None,
+    source_options: dict[str, Any] | None = None,
 ) -> EncodeResult:
     """Encode every image of ``data`` with the tokenizer at ``checkpoint`` into token shards under ``out``.
 
@@ -356,6 +361,8 @@ def encode_dataset(
         overwrite: replace a shard set of another plan (input list, tokenizer or settings changed).
         repair: re-hash every committed shard (not only its sizes and headers) and re-encode those that fail.
         reporter: progress sink.
+        source_options: keyword arguments of ``open_source`` for ``data`` (``image_key``, ``label_key``, ``split``,
+            ``kind``); the chosen ones are recorded in the plan, so that a resume with others is refused.
 
     Returns:
         An ``EncodeResult`` (on every rank; rank 0 writes the manifest).
@@ -379,7 +386,7 @@ def encode_dataset(
     info = tdist.init_distributed(device)
     rank, world, dev = info.rank, info.world_size, info.device
     model, meta = load_with_meta(checkpoint, device=dev)  # verifies the weights' sha256 once
-    source = data if isinstance(data, ImageSource) else open_source(data)
+    source = data if isinstance(data, ImageSource) else open_source(data, **(source_options or {}))
     budget_option = 0.0 if strict else float(DEFAULT_MAX_ERRORS if max_errors is None else max_errors)
     run = {"checkpoint": str(Path(checkpoint).resolve()), "batch_size": batch_size, "workers": workers,
            "device": dev.type, "max_errors": budget_option}  # fmt: skip

@@ -19,7 +19,13 @@ stored views (1 without a views axis), ``L = h * w`` the tokens per view (``prod
     OUT/tokens-{shard:06d}.tar         samples {i:09d}.tokens.npy ((*index_shape) or (V, *index_shape); int32, or
                                        int64 past 2^31 codes) and {i:09d}.cls (ASCII label)
 
-``parquet`` (``pyarrow.parquet.read_table(OUT)`` or ``datasets.load_dataset("parquet", data_dir=OUT)``)::
+``mds`` (mosaicml-streaming: ``streaming.StreamingDataset(local=OUT, remote=None)``; written with its ``MDSWriter``)::
+
+    OUT/tokens-{shard:06d}/            one MDS folder per source shard (index.json + shard.NNNNN.mds)
+    OUT/index.json                     their merged index (as ``streaming.base.util.merge_index`` writes it), last
+                                       columns: key (str), label (int), tokens (ndarray:int32|int64:(V,) *index_shape)
+
+``parquet`` (``pyarrow.parquet.read_table(OUT)``; ``datasets.load_dataset("parquet", data_files="OUT/*.parquet")``)::
 
     OUT/tokens-{shard:06d}.parquet     key (string: source path), label (int32), tokens (list<int32|int64>, V*L ids
                                        row-major); schema metadata b"tokkit" = JSON {"shape": [(V,) *index_shape], ...}
@@ -28,7 +34,8 @@ Every export also writes ``OUT/_export.json`` (format, source manifest sha256, c
 last with ``complete: true``. Each output file is written to a temporary and renamed into place, so an interrupted
 export resumes by skipping the files that exist; ``overwrite`` rewrites them all (and removes the files an export
 of another set or format left in OUT). Labels are as stored (-1 = unlabeled). pyarrow (parquet) and webdataset (to
-read the tars) are optional: ``pip install "tokkit[export]"``; pyarrow is imported only for parquet.
+read the tars) and mosaicml-streaming (mds) are optional: ``pip install "tokkit[export]"``; each is imported only
+for its format.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tarfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -66,6 +75,7 @@ EXPORT_JSON = "_export.json"  # "_": pyarrow and datasets skip it when reading O
 INSTALL_HINT = 'pip install "tokkit[export]"'
 
 _EXPORTERS: dict[str, Callable[[_Block, Path, bool], tuple[int, int]]] = {}
+_FINISHERS: dict[str, Callable[[list[_Block], Path], None]] = {}  # format -> what runs once every block is written
 
 
 def register_exporter(name: str) -> Callable[[Callable[..., tuple[int, int]]], Callable[..., tuple[int, int]]]:
@@ -175,6 +185,8 @@ def _todo(path: Path, overwrite: bool) -> bool:
 
 
 _SHARD_OUTPUT = re.compile(r"^tokens-\d{6,}\.(jsonl|tar|parquet)$")
+_MDS_DIR = re.compile(r"^tokens-\d{6,}$")
+_MDS_TMP = re.compile(r"^\.tokens-\d{6,}\.tmp-[0-9a-f]{8}$")
 _LLAMAGEN_DIR = re.compile(r"^imagenet\d+_(codes|labels)$")
 _LLAMAGEN_FILE = re.compile(r"^\d+\.npy$")
 
@@ -182,10 +194,22 @@ _LLAMAGEN_FILE = re.compile(r"^\d+\.npy$")
 def _outputs_of_any_export(out: Path) -> list[Path]:
     """Files in ``out`` named as some export writes them (``tokens-000000.tar``, ``imagenet256_codes/7.npy`` ...)."""
     found = [p for p in out.iterdir() if _SHARD_OUTPUT.match(p.name) and p.is_file()]
+    found += [p for d in out.iterdir() if _MDS_DIR.match(d.name) and d.is_dir() for p in d.iterdir() if p.is_file()]
+    found += [out / "index.json"] if _is_our_mds_index(out / "index.json") else []
     for d in out.iterdir():
         if _LLAMAGEN_DIR.match(d.name) and d.is_dir():
             found += [p for p in d.iterdir() if _LLAMAGEN_FILE.match(p.name) and p.is_file()]
     return found
+
+
+def _is_our_mds_index(path: Path) -> bool:
+    """``OUT/index.json`` as the mds export merges it (every shard in a ``tokens-NNNNNN/`` folder), not another's."""
+    index = read_json(path)
+    shards = index.get("shards") if isinstance(index, dict) else None
+    return isinstance(shards, list) and all(
+        isinstance(e, dict) and _MDS_DIR.match(str((e.get("raw_data") or {}).get("basename", "")).split("/")[0])
+        for e in shards
+    )
 
 
 def _expected_outputs(out: Path, format: str, blocks: list[_Block]) -> set[Path]:
@@ -194,6 +218,9 @@ def _expected_outputs(out: Path, format: str, blocks: list[_Block]) -> set[Path]
         r = blocks[0].resolution if blocks else 0
         n = sum(b.n for b in blocks)
         return {out / f"imagenet{r}_{part}" / f"{i}.npy" for part in ("codes", "labels") for i in range(n)}
+    if format == "mds":
+        folders = [out / f"tokens-{b.id:06d}" for b in blocks]
+        return {out / "index.json"} | {p for d in folders if d.is_dir() for p in d.iterdir()}
     ext = {"jsonl": "jsonl", "webdataset": "tar", "parquet": "parquet"}[format]
     return {out / f"tokens-{b.id:06d}.{ext}" for b in blocks}
 
@@ -274,6 +301,46 @@ def _parquet(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
     return 1, 0
 
 
+@register_exporter("mds")
+def _mds(block: _Block, out: Path, overwrite: bool) -> tuple[int, int]:
+    from tokkit.checkpoint import atomic_replace_dir
+
+    folder = out / f"tokens-{block.id:06d}"
+    if not overwrite and (folder / "index.json").is_file():
+        return 0, 1
+    writer_cls = require("streaming").MDSWriter
+    grid = block.grid.astype(block.index_dtype())  # (n, V, *index_shape)
+    tokens = grid if block.views_axis else grid[:, 0]  # (n, [V,] *index_shape)
+    shape = ",".join(str(d) for d in tokens.shape[1:])
+    columns = {"key": "str", "label": "int", "tokens": f"ndarray:{tokens.dtype.name}:{shape}"}
+    tmp = out / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with writing(tmp), writer_cls(out=str(tmp), columns=columns, size_limit=1 << 27) as w:
+            for row in range(block.n):
+                w.write({"key": block.keys[row], "label": int(block.labels[row]), "tokens": tokens[row]})
+        with writing(folder):
+            atomic_replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1, 0
+
+
+def _merge_mds_index(blocks: list[_Block], out: Path) -> None:
+    """``OUT/index.json``: every block's shards, basenames prefixed with their folder (``merge_index``'s layout)."""
+    shards = []
+    for b in blocks:
+        sub = f"tokens-{b.id:06d}"
+        for entry in json.loads((out / sub / "index.json").read_text())["shards"]:
+            for part in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if entry.get(part):
+                    entry[part]["basename"] = f"{sub}/{entry[part]['basename']}"
+            shards.append(entry)
+    atomic_write_bytes(out / "index.json", json.dumps({"version": 2, "shards": shards}).encode())
+
+
+_FINISHERS["mds"] = _merge_mds_index
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 
 
@@ -304,8 +371,9 @@ def export_shards(
     """
     if format not in _EXPORTERS:
         raise ConfigError(f"unknown export format {format!r}: use one of {', '.join(list_formats())}")
-    if format == "parquet":
-        require("pyarrow.parquet")  # before any work (webdataset tars are written with tarfile: no package needed)
+    if format in ("parquet", "mds"):
+        # before any work (webdataset tars are written with tarfile: no package needed)
+        require("pyarrow.parquet" if format == "parquet" else "streaming")
     reporter = reporter or Reporter()
     t0 = time.perf_counter()
     ds = open_shards(shards, view="all")  # validates: complete, manifest and files agree
@@ -378,6 +446,10 @@ def export_shards(
             reporter.advance(done, written=result.written, skipped=result.skipped)
     finally:
         reporter.stop()
+    if format in _FINISHERS:
+        _FINISHERS[format](blocks, out)
+    for stale in [p for p in out.iterdir() if _MDS_TMP.match(p.name) and p.is_dir()]:  # a killed mds export's
+        shutil.rmtree(stale, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
     atomic_write_bytes(out / EXPORT_JSON, canonical_json({**header, "complete": True}).encode())
     return result

@@ -136,7 +136,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_run_state(out: str | Path, state: dict[str, Any], config: Any) -> None:
+def save_run_state(out: str | Path, state: dict[str, Any], config: Any, extra: dict[str, Any] | None = None) -> None:
     """Save the run state into ``out`` as one commit (see the module docstring); call on rank 0 only.
 
     Args:
@@ -144,6 +144,7 @@ def save_run_state(out: str | Path, state: dict[str, Any], config: Any) -> None:
         state: the run state; ``state["step"]`` is its step; ``state["model"]`` (and ``"ema"``, ``"disc"`` when
             present) are state dicts; every other entry must load with ``torch.load(weights_only=True)``.
         config: the ``TokenizerConfig`` of ``state["model"]``, for the checkpoint (EMA weights when present).
+        extra: JSON-able notes for the checkpoint's config.json ``extra``, beside the step (e.g. ``init_from``).
 
     Raises:
         OSError: the disk is full or the folder not writable; the unfinished save is removed first, and the previous
@@ -173,7 +174,7 @@ def save_run_state(out: str | Path, state: dict[str, Any], config: Any) -> None:
         write_durable(tmp_state / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         fsync_dir(tmp_state)
         write_checkpoint_dir(tmp_ckpt, state["ema"] if state.get("ema") is not None else state["model"], config,
-                             extra={"step": step})
+                             extra={"step": step, **(extra or {})})
         fsync_dir(out)
         record = {"format": COMMIT_FORMAT, "step": step, "swap": [
             {"new": tmp_state.name, "dest": STATE, "old": f".{STATE}.old-{tag}"},

@@ -498,6 +498,8 @@ def repair_command(root: str | Path, facts: dict[str, Any]) -> str:
                             ("--max-errors", run.get("max_errors"))):  # fmt: skip
             if value is not None:
                 args += [flag, str(value)]
+        for key, value in (src.get("options") or {}).items():  # --image-key, --label-key, --split
+            args += ["--" + key.replace("_", "-"), str(value)]
     except (AttributeError, TypeError):
         args = ["tokkit", "encode", "CHECKPOINT", "DATA", "--out", str(root)]
     return shlex.join([*args, "--repair"])

@@ -2,7 +2,8 @@
 
 A run folder (``out_dir``) holds::
 
-    run.json            the configs, the data (path + fingerprint, and a history of switches) and the world size
+    run.json            the configs, the data (path + fingerprint, and a history of switches), the world size, and
+                        for a fine-tune the source it started from (``init_from``: path + sha256) and ``freeze``
     checkpoint/         model.safetensors + config.json: the EMA weights, loadable with ``tokkit.load``
     train_state/        raw + EMA + discriminator weights (safetensors), state.pt (optimizers, schedulers, step,
                         data position, RNG of every rank; read with ``weights_only=True``) and manifest.json (the
@@ -16,7 +17,8 @@ a save that a kill interrupted (or discards one that was not committed), so a ru
 its last save with the same weights an uninterrupted run would have had.
 
 The parts: ``tokkit.train_data`` (order, augmentation, loader), ``tokkit.train_step`` (the step), ``tokkit.train_eval``
-(evaluation), ``tokkit.train_log`` (metrics.jsonl), ``tokkit.runstate`` (the run state and its save / load pair).
+(evaluation), ``tokkit.train_log`` (metrics.jsonl), ``tokkit.runstate`` (the run state and its save / load pair),
+``tokkit.train_init`` (starting from a trained tokenizer, frozen parts).
 
 Axis legend: B batch, H/W image size, K codebook size.
 """
@@ -30,6 +32,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from tokkit.train_data import (
     to_device,
 )
 from tokkit.train_eval import evaluate, save_grid
+from tokkit.train_init import InitSource, check_freeze, check_init_config, freeze, parse_freeze, read_init, trainable
 from tokkit.train_log import RunLog, truncate_metrics, write_atomic
 from tokkit.train_step import (
     USAGE_LIMIT,
@@ -88,6 +92,8 @@ class TrainResult:
         perceptual: whether the LPIPS loss was used.
         resumed_from: the step this call started from (0 for a fresh run).
         data: the training data, as recorded in run.json.
+        init_from: the tokenizer the run started from (``{"source", "sha256"}``), None for a run from scratch.
+        freeze: the frozen parts.
     """
 
     out_dir: Path
@@ -102,6 +108,8 @@ class TrainResult:
     perceptual: bool = False
     resumed_from: int = 0
     data: str = ""
+    init_from: dict[str, str] | None = None
+    freeze: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,10 +169,19 @@ def _open_data(data: str | Path | None, eval_data: str | Path | None, run_rec: d
     return spec, source, eval_spec, eval_source
 
 
-def _build_state(tokenizer_cfg: TokenizerConfig, cfg: TrainConfig, dev: torch.device) -> TrainState:
-    """Fresh models (identical on every rank: seeded), EMA copy, discriminator, optimizers and schedules."""
+def _build_state(tokenizer_cfg: TokenizerConfig, cfg: TrainConfig, dev: torch.device,
+                 init: InitSource | None = None, frozen: Sequence[str] = ()) -> tuple[TrainState, list[str]]:
+    """Fresh models (identical on every rank: seeded, or ``init``'s weights), ``frozen`` parts frozen, EMA copy,
+    discriminator, optimizers and schedules; and the notes of ``freeze``."""
     torch.manual_seed(cfg.seed)
-    model = Tokenizer(tokenizer_cfg).to(dev)
+    model = Tokenizer(tokenizer_cfg)
+    if init is not None:
+        model.load_state_dict(init.state, strict=True)
+    model.to(dev)
+    notes = freeze(model, frozen)
+    if not trainable(model):
+        raise ConfigError(f"--freeze {','.join(frozen)} leaves no parameter to train in this tokenizer: freeze fewer "
+                          "parts")
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
     use_gan = cfg.disc_weight > 0
     disc = PatchDiscriminator(channels=cfg.disc_channels, num_layers=cfg.disc_layers).to(dev) if use_gan else None
@@ -176,13 +193,14 @@ def _build_state(tokenizer_cfg: TokenizerConfig, cfg: TrainConfig, dev: torch.de
         d_sched=schedule(d_opt, cfg) if d_opt is not None else None,
         lecam=LeCam(cfg.lecam_decay).to(dev) if use_gan and cfg.lecam_weight > 0 else None,
         usage_counts=torch.zeros(K if K <= USAGE_LIMIT else 1, dtype=torch.int64, device=dev),
-    )  # fmt: skip
+    ), notes  # fmt: skip
 
 
 def _record_run(out: Path, run_rec: dict[str, Any], step: int, tokenizer_cfg: TokenizerConfig, cfg: TrainConfig,
                 data: tuple[str, ImageSource, str | None, ImageSource | None], world_size: int,
-                perceptual: bool) -> None:
-    """Write run.json (configs, data and its history of switches); start or cut metrics.jsonl at ``step``."""
+                perceptual: bool, origin: dict[str, Any]) -> None:
+    """Write run.json (configs, data and its history of switches, ``origin``: init_from and freeze); start or cut
+    metrics.jsonl at ``step``."""
     spec, source, eval_spec, eval_source = data
     out.mkdir(parents=True, exist_ok=True)
     if step:
@@ -199,7 +217,7 @@ def _record_run(out: Path, run_rec: dict[str, Any], step: int, tokenizer_cfg: To
     record = {"tokenizer": tokenizer_cfg.to_dict(), "train": cfg.to_dict(), "data": spec,
               "data_fingerprint": entry["data_fingerprint"], "eval_data": eval_spec,
               "eval_fingerprint": entry["eval_fingerprint"], "world_size": world_size, "perceptual": perceptual,
-              "data_history": history}
+              "data_history": history, **origin}
     write_atomic(out / "run.json", json.dumps(record, indent=2) + "\n")
 
 
@@ -264,6 +282,39 @@ def _storage_error(e: OSError, out: Path, saved: int) -> TokkitError | None:
     return None
 
 
+def _recorded_origin(
+    out: Path, run_rec: dict[str, Any], init_from: str | Path | InitSource | None, frozen: tuple[str, ...],
+    need_weights: bool,
+) -> tuple[InitSource | None, dict[str, str] | None, tuple[str, ...]]:
+    """On resume: (the init source, read only when its weights are needed, i.e. no save yet; its record; the frozen
+    parts), as run.json recorded them.
+
+    ``init_from`` / ``frozen`` given again must be the recorded ones; the source is read again only when no save holds
+    the weights yet, and must still have the recorded sha256.
+    """
+    rec = run_rec.get("init_from") or None
+    recorded = parse_freeze(run_rec.get("freeze") or ())
+    if init_from is not None:
+        given = init_from.source if isinstance(init_from, InitSource) else str(init_from)
+        if rec is None or _same_source(given) != _same_source(rec.get("source", "")):
+            was = f"started from {rec.get('source')}" if rec else "not started with --init-from"
+            raise ConfigError(f"{out} was {was}: drop --init-from {given} to resume it")
+    if frozen and frozen != recorded:
+        raise ConfigError(f"{out} was trained with --freeze {','.join(recorded) or '(none)'}: drop --freeze to resume "
+                          "it with its own")
+    if rec is None or not need_weights:
+        return None, rec, recorded
+    init = read_init(rec["source"])
+    if init.sha256 != rec.get("sha256"):
+        raise CheckpointError(f"{out} has no save yet and its --init-from {rec['source']} changed since the run "
+                              "started (another sha256): restore it, or start a new run (another --out)")
+    return init, rec, recorded
+
+
+def _same_source(text: str) -> str:
+    return text if text.startswith("hf:") else str(Path(text).expanduser().resolve())
+
+
 def read_run_config(out_dir: str | Path) -> tuple[TokenizerConfig, TrainConfig, dict[str, Any]]:
     """The configs recorded in a run folder's ``run.json`` (and the whole record): what ``--resume`` continues."""
     path = Path(out_dir) / "run.json"
@@ -281,7 +332,7 @@ def read_run_config(out_dir: str | Path) -> tuple[TokenizerConfig, TrainConfig, 
 
 
 def train(
-    tokenizer_cfg: TokenizerConfig,
+    tokenizer_cfg: TokenizerConfig | None,
     train_cfg: TrainConfig,
     data: str | Path | None = None,
     out_dir: str | Path = "runs/sample-fsq",
@@ -291,11 +342,13 @@ def train(
     weights_dir: str | Path | None = None,
     eval_data: str | Path | None = None,
     new_data: bool = False,
+    init_from: str | Path | InitSource | None = None,
+    freeze: Sequence[str] | None = None,
 ) -> TrainResult:
     """Train a tokenizer and write its run folder (see the module docstring).
 
     Args:
-        tokenizer_cfg: the model.
+        tokenizer_cfg: the model; None: ``init_from``'s (or, on ``resume``, the recorded one).
         train_cfg: the training knobs.
         data: ``open_source`` spec: image folder, zip, .txt list, .npy/.npz, or ``sample``. None: ``sample`` for a new
             run, the run's recorded data on ``resume``.
@@ -310,6 +363,11 @@ def train(
             the recorded one).
         new_data: on ``resume``, allow ``data`` / ``eval_data`` other than the recorded ones (or changed files); the
             switch is recorded in run.json's ``data_history``.
+        init_from: start from this trained tokenizer (anything ``tokkit.load`` reads, or an ``InitSource`` already
+            read): its config is the architecture (``tokenizer_cfg`` must equal it) and its weights the start. Recorded
+            in run.json (source + sha256); ``resume`` never reads it again (given there, it must be the recorded one).
+        freeze: parts kept fixed (``encoder`` (+ quant_conv), ``quantizer``, ``decoder`` (+ post_quant_conv); see
+            ``tokkit.train_init``); needs ``init_from``; on ``resume`` the recorded ones (given there, the same).
 
     Returns:
         A ``TrainResult``.
@@ -324,6 +382,21 @@ def train(
     """
     rep = resolve(reporter)
     t_start = time.perf_counter()
+    frozen = parse_freeze(freeze)
+    init: InitSource | None = None
+    if resume:
+        if tokenizer_cfg is None:
+            tokenizer_cfg = read_run_config(out_dir)[0]
+    else:
+        if frozen and init_from is None:
+            raise ConfigError("--freeze needs --init-from CHECKPOINT: a part frozen at its random start never learns")
+        if init_from is not None:
+            init = init_from if isinstance(init_from, InitSource) else read_init(init_from)
+            tokenizer_cfg = tokenizer_cfg or init.config
+            check_init_config(tokenizer_cfg, init)
+        if tokenizer_cfg is None:
+            raise ConfigError("train needs a tokenizer config, or init_from to take it from")
+    check_freeze(frozen, train_cfg)
     check_compatible(tokenizer_cfg, train_cfg)  # cross-field checks (discriminator depth vs resolution) before any work
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = init_distributed(device)
@@ -339,6 +412,12 @@ def train(
         # ---- the run folder, the data, the held-out batch ---------------------------------------------------------
         run_rec, state = _open_run(out, tokenizer_cfg, resume, info, rep)
         saved = 0 if state is None else int(state["step"])
+        init_record = None if init is None else init.record()
+        if resume:
+            init, init_record, frozen = _recorded_origin(out, run_rec, init_from, frozen, need_weights=state is None)
+            check_freeze(frozen, cfg)
+        # what a fine-tune records (run.json, and each checkpoint's extra); a run from scratch records neither
+        origin = {} if init_record is None and not frozen else {"init_from": init_record, "freeze": list(frozen)}
         data_spec_, source, eval_spec, eval_source = _open_data(data, eval_data, run_rec, resume, new_data, out)
         if eval_source is not None:
             train_idx, held = list(range(len(source))), split_held_out(eval_source, cfg.eval_images, cfg.seed)[1]
@@ -349,7 +428,11 @@ def train(
         plan = BatchPlan(train_idx, cfg.batch_size, info.rank, info.world_size, cfg.seed)
 
         # ---- the run state: built fresh, then (on resume) loaded ---------------------------------------------------
-        st = _build_state(tokenizer_cfg, cfg, dev)
+        st, notes = _build_state(tokenizer_cfg, cfg, dev, init if state is None else None, frozen)
+        del init  # its weights are in the model now
+        if info.is_main:
+            for note in notes:
+                rep.message(note)
         perceptual = build_perceptual(cfg.perceptual, cfg.lpips_net, weights_dir, dev, rep if info.is_main else None)
         torch.manual_seed(cfg.seed + 1 + info.rank)  # per-rank stream for everything random from here on
         np.random.seed((cfg.seed + 1 + info.rank) % 2**32)
@@ -362,12 +445,12 @@ def train(
             stale_checkpoint = bool(broadcast_object(info.is_main and not checkpoint_matches(out, st.step)))
         if info.is_main:
             _record_run(out, run_rec, st.step, tokenizer_cfg, cfg, (data_spec_, source, eval_spec, eval_source),
-                        info.world_size, perceptual is not None)
+                        info.world_size, perceptual is not None, origin)
         resumed_from = st.step
 
         def save() -> None:
             if info.is_main:
-                save_run_state(out, st.state_dict(lambda v: _gather(v, info)), tokenizer_cfg)
+                save_run_state(out, st.state_dict(lambda v: _gather(v, info)), tokenizer_cfg, extra=origin or None)
             else:
                 st.state_dict(lambda v: _gather(v, info))  # the gathers are collective
             barrier()
@@ -453,6 +536,7 @@ def train(
             grids=grids, seconds=time.perf_counter() - t_start,
             images_per_second=img_total / max(time.perf_counter() - t_loop, 1e-9), bad_images=len(st.bad),
             perceptual=perceptual is not None, resumed_from=resumed_from, data=data_spec_,
+            init_from=origin.get("init_from"), freeze=list(frozen),
         )  # fmt: skip
     except OSError as e:
         err = _storage_error(e, out, saved)

@@ -9,7 +9,7 @@ import typer
 import typer.core
 from typer.core import TyperGroup
 
-from tokkit.cli import bench, decode, encode, export, info, presets, train, verify
+from tokkit.cli import bench, convert, decode, encode, export, info, presets, train, verify
 from tokkit.cli.common import fail
 from tokkit.errors import TokkitError
 
@@ -103,6 +103,7 @@ app.command("verify")(verify.verify)
 app.command("export")(export.export)
 app.command("info")(info.info)
 app.command("bench")(bench.bench)
+app.command("convert")(convert.convert)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ def checkpoint(path: Path) -> Path:
 def data(spec: str) -> str:
     """An image source exists: ``sample``, a folder, a file, or ``FILE.npz:KEY`` (``tokkit.data.open_source``)."""
     text = spec
-    if text == "sample" or any(c in text for c in "*?[{"):  # tar / parquet patterns: open_source expands them
+    if text == "sample" or any(c in text for c in "*?[{") or "://" in text or text.startswith("hf:"):  # patterns, URLs
         return spec
     if ".npz:" in text and not Path(text).exists():
         text = text.rsplit(":", 1)[0]

@@ -66,6 +66,25 @@ JsonOpt = Annotated[
 NprocOpt = Annotated[
     int, typer.Option("--nproc-per-node", min=1, help="Processes on this node; >1 relaunches under torchrun.")
 ]
+# more than one machine: every node runs the same command with its own --node-rank (torchrun's static rendezvous);
+# checked in one line by ``launch`` (``tokkit.distributed.Nodes.check``), not by typer's range checks
+NnodesOpt = Annotated[
+    int, typer.Option("--nnodes", help="Machines in the run, each running this command; >1 relaunches under torchrun.")
+]
+NodeRankOpt = Annotated[
+    int, typer.Option("--node-rank", help="This machine's index, 0 .. --nnodes - 1 (0 on the --master-addr machine).")
+]
+MasterAddrOpt = Annotated[
+    str | None,
+    typer.Option("--master-addr", help="Node 0's address, reachable from every node (needed with --nnodes > 1)."),
+]
+MasterPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--master-port", show_default=False,
+        help="Free TCP port on node 0, the same on every node [default: 29500 with --nnodes > 1, else a free one].",
+    ),
+]  # fmt: skip
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
@@ -96,6 +115,23 @@ def handle_errors(fn: F) -> F:
             raise fail(msg, 130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def launch(
+    args: list[str], nproc_per_node: int, nnodes: int, node_rank: int, master_addr: str | None, master_port: int | None
+) -> None:
+    """Check the launch options (one line each), then relaunch ``tokkit <args>`` under torchrun when more than one
+    process is asked for (raising ``typer.Exit`` with its code); return to run in this process otherwise.
+
+    Args:
+        args: the command and its arguments, without the launch options.
+        nproc_per_node, nnodes, node_rank, master_addr, master_port: the options of the same names.
+    """
+    from tokkit import distributed as tdist
+
+    nodes = tdist.Nodes(nnodes, node_rank, master_addr, master_port).check()
+    if nproc_per_node > 1 or nnodes > 1:
+        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args, nodes=nodes))
 
 
 def library_default(fn: Callable[..., Any], name: str) -> Any:

@@ -14,12 +14,17 @@ from tokkit.cli.common import (
     CheckpointArg,
     DeviceOpt,
     JsonOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    NnodesOpt,
+    NodeRankOpt,
     NprocOpt,
     QuietOpt,
     RichReporter,
     WorkersOpt,
     cap_workers,
     handle_errors,
+    launch,
     library_default,
 )
 from tokkit.cli.output import emit_facts, emit_json
@@ -32,7 +37,8 @@ def encode(
         str,
         typer.Argument(
             callback=checks.data_option,
-            help="Image folder, .zip, .txt list of paths, .npy/.npz uint8 array, or 'sample'.",
+            help="Image folder, .zip, .txt list, .npy/.npz array, .tar shards (or s3://... URLs), .parquet, MDS "
+            "folder, hf:ORG/NAME, or 'sample'.",
         ),
     ],
     out: Annotated[
@@ -68,6 +74,20 @@ def encode(
         ),
     ] = False,
     nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
+    image_key: Annotated[
+        str | None, typer.Option("--image-key", help="Image column (parquet/MDS/hf) or tar member extension.")
+    ] = None,
+    label_key: Annotated[
+        str | None, typer.Option("--label-key", help="Label column (parquet/MDS/hf) or tar member extension.")
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="hf: split (default train); MDS: subfolder.")] = None,
+    source_kind: Annotated[
+        str, typer.Option("--source-kind", help="auto, hf (DATA is a datasets name/folder) or mds.")
+    ] = "auto",
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -75,26 +95,28 @@ def encode(
 
     A rerun re-checks committed shards (sizes, headers) and re-encodes any that fail; --repair also re-hashes them.
     """
-    from tokkit import distributed as tdist
     from tokkit.encode import encode_dataset
 
-    if nproc_per_node > 1:
+    options = {"image_key": image_key, "label_key": label_key, "split": split, "kind": source_kind}
+    source_options = {k: v for k, v in options.items() if v and v != "auto"}
+    source_flags = {"--" + k.replace("_", "-").replace("kind", "source-kind"): v for k, v in source_options.items()}
+    if nproc_per_node > 1 or (nnodes, node_rank, master_addr, master_port) != (1, 0, None, None):
         args = [
             "encode", str(checkpoint), str(data), "--out", str(out), "--shard-size", str(shard_size),
             *(["--batch-size", str(batch_size)] if batch_size else []),
             *(["--workers", str(workers)] if workers is not None else []), "--views", views, "--device", device,
             "--max-errors", repr(max_errors), *(["--strict"] if strict else []),
             *(["--overwrite"] if overwrite else []), *(["--repair"] if repair else []), *(["--quiet"] if quiet else []),
-            *(["--json"] if json_out else []),
+            *(["--json"] if json_out else []), *[a for f, v in source_flags.items() for a in (f, v)],
         ]  # fmt: skip
-        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
+        launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     result = encode_dataset(
         checkpoint, data, out, shard_size=shard_size,
         batch_size=batch_size or library_default(encode_dataset, "batch_size"),
         workers=cap_workers(library_default(encode_dataset, "workers") if workers is None else workers), views=views,
         device=device, max_errors=max_errors, strict=strict, overwrite=overwrite, repair=repair,
-        reporter=RichReporter(enabled=main and not quiet),
+        reporter=RichReporter(enabled=main and not quiet), source_options=source_options,
     )  # fmt: skip
     if not main:
         return

@@ -12,7 +12,7 @@ from tokkit.cli.common import JsonOpt, QuietOpt, RichReporter, handle_errors
 from tokkit.cli.output import emit_facts, emit_json
 
 # tokkit.export.list_formats() (a test keeps the two equal; this copy answers before torch is imported)
-FORMATS = ("llamagen", "jsonl", "webdataset", "parquet")
+FORMATS = ("llamagen", "jsonl", "webdataset", "parquet", "mds")
 
 
 def format_option(value: str) -> str:
@@ -32,7 +32,7 @@ def export(
             "--format",
             "-f",
             callback=format_option,
-            help="llamagen (N.npy codes + labels), jsonl (TiTok/RAR), webdataset (.tar) or parquet.",
+            help="llamagen (N.npy codes + labels), jsonl (TiTok/RAR), webdataset (.tar), parquet or mds (streaming).",
         ),
     ],
     out: Annotated[

@@ -71,8 +71,17 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "weights_sha256": meta["weights_sha256"],
         "weights_match": sha256_file(d / WEIGHTS) == meta["weights_sha256"],
         "config": meta["tokenizer"],
-        **({"extra": meta["extra"]} if meta.get("extra") else {}),
+        **_extra(meta.get("extra")),
     }
+
+
+def _extra(extra: Any) -> dict[str, Any]:
+    """config.json's ``extra`` notes; a converted peer's provenance (``tokkit convert``) as its own section."""
+    if not isinstance(extra, dict) or not extra:
+        return {}
+    rest = {k: v for k, v in extra.items() if k != "provenance"}
+    facts: dict[str, Any] = {"provenance": extra["provenance"]} if isinstance(extra.get("provenance"), dict) else {}
+    return {**facts, **({"extra": rest} if rest else {})}
 
 
 def _render(kind: str, facts: dict[str, Any]) -> None:

@@ -14,6 +14,10 @@ from tokkit.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    NnodesOpt,
+    NodeRankOpt,
     NprocOpt,
     QuietOpt,
     RichReporter,
@@ -21,6 +25,7 @@ from tokkit.cli.common import (
     WorkersOpt,
     cap_workers,
     handle_errors,
+    launch,
 )
 from tokkit.cli.output import emit_facts, emit_json
 
@@ -77,16 +82,39 @@ def train(
     new_data: Annotated[
         bool, typer.Option("--new-data", help="With --resume: switch to other --data / --eval-data (kept in run.json).")
     ] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start from this trained tokenizer (checkpoint or run folder, or a peer checkpoint tokkit convert "
+            "reads): its architecture and weights; --preset then gives the training knobs only.",
+        ),
+    ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--freeze",
+            help="With --init-from: keep encoder (+quant_conv), quantizer and/or decoder (+post_quant_conv) fixed; "
+            "repeat or use commas. quantizer keeps token ids compatible; encoder,quantizer keeps them identical.",
+        ),
+    ] = None,
     nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a tokenizer; leaves runs/<name>/ with checkpoint/, metrics.jsonl and reconstruction grids.
 
     -j/--workers sets train.num_workers (default: the preset's), capped at the CPU cores - 1 per process.
+    More than one machine: run the same command on each with --nnodes N --node-rank R --master-addr HOST (the run
+    folder and the data on a file system every node sees).
     """
     from tokkit.config import DEFAULT_PRESET, TrainConfig, apply_overrides
     from tokkit.errors import ConfigError
+    from tokkit.train_init import check_init_path, parse_freeze
 
     name = preset or DEFAULT_PRESET
     out = out or Path("runs") / name
@@ -99,30 +127,40 @@ def train(
             sets.append(f"train.{field}={value}")
     # the train section is checked alone first: it needs no torch (the tokenizer section builds a quantizer)
     apply_overrides({"train": TrainConfig()}, [s for s in sets if s.startswith("train.")])
+    frozen = parse_freeze(freeze)
+    if init_from is not None and not resume:  # a resume never reads it (it may be gone): run.json has its record
+        check_init_path(init_from)
+    if frozen and init_from is None and not resume:
+        raise ConfigError("--freeze needs --init-from CHECKPOINT: a part frozen at its random start never learns")
 
-    from tokkit import distributed as tdist
     from tokkit.config import get_preset
     from tokkit.train import read_run_config
     from tokkit.train import train as run_training
+    from tokkit.train_init import read_init
 
-    if nproc_per_node > 1:
+    if nproc_per_node > 1 or (nnodes, node_rank, master_addr, master_port) != (1, 0, None, None):
         args = ["train", "--preset", name, "--out", str(out), "--device", device]
         for flag, value in (("--data", data), ("--steps", steps), ("--batch-size", batch_size), ("--lr", lr),
                             ("--perceptual", perceptual), ("--weights-dir", weights_dir), ("--eval-data", eval_data),
-                            ("--workers", workers)):  # fmt: skip
+                            ("--workers", workers), ("--init-from", init_from)):  # fmt: skip
             if value is not None:
                 args += [flag, str(value)]
         for item in overrides or []:
             args += ["--set", item]
+        args += ["--freeze", ",".join(frozen)] if frozen else []
         for flag, on in (("--resume", resume), ("--new-data", new_data), ("--quiet", quiet), ("--json", json_out)):
             args += [flag] if on else []
-        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
+        launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
 
+    init = None
     if resume:  # the run's own configs; explicit flags below may still change training knobs (e.g. more --steps)
         tok_cfg, train_cfg, _ = read_run_config(out)
     else:
         chosen = get_preset(name)
         tok_cfg, train_cfg = chosen.tokenizer, chosen.train
+        if init_from is not None:  # the architecture is the checkpoint's; --set tokenizer.* may only repeat it
+            init = read_init(init_from)
+            tok_cfg = init.config
     cfgs = apply_overrides({"tokenizer": tok_cfg, "train": train_cfg}, sets)
     capped = cap_workers(cfgs["train"].num_workers)
     if capped != cfgs["train"].num_workers:
@@ -132,7 +170,7 @@ def train(
     result = run_training(
         cfgs["tokenizer"], cfgs["train"], data=data, out_dir=out, resume=resume, device=device,
         reporter=RichReporter(enabled=main and not quiet), weights_dir=weights_dir, eval_data=eval_data,
-        new_data=new_data,
+        new_data=new_data, init_from=init if init is not None else init_from, freeze=frozen,
     )  # fmt: skip
     if not main:
         return
@@ -143,6 +181,8 @@ def train(
     rows = [
         ("checkpoint", f"{result.checkpoint}  (tokkit.load({str(result.checkpoint)!r}))"),
         ("data", result.data),
+        *([("started from", f"{result.init_from['source']} (frozen: {', '.join(result.freeze) or 'nothing'})")]
+          if result.init_from else []),
         ("steps", f"{result.step}" + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")),
     ]
     if m:

@@ -1,4 +1,4 @@
-"""Image data: sources (folder, zip, list, arrays, webdataset tars, parquet, the sample set), robust decoding,
+"""Image data: sources (folder, zip, list, arrays, webdataset tars, parquet, MDS, hf:, the sample set), robust decoding,
 pinned preprocessing.
 
     from torch.utils.data import DataLoader
@@ -6,6 +6,9 @@ pinned preprocessing.
     src = open_source("photos/")                      # or a .zip, a .txt list, a .npy/.npz, or "sample"
     src = open_source("shards/data-{000000..000127}.tar")   # webdataset tars (a glob works too)
     src = open_source("hf/train/", image_key="image", label_key="label")   # a folder of .parquet files
+    src = open_source("s3://bucket/data-{000000..000127}.tar")               # tars at any fsspec URL
+    src = open_source("mds/", split="train")                                  # an MDS folder (index.json)
+    src = open_source("hf:ORG/NAME", split="train", image_key="image")        # a Hugging Face dataset
     ds = ImageDataset(src, resolution=64)             # item -> dict(image uint8 (3, 64, 64), label, index)
     loader = DataLoader(ds, batch_size=32, num_workers=2, collate_fn=collate_skip_bad)
     x = to_float(next(iter(loader))["images"])        # (B, 3, 64, 64) float in [-1, 1]

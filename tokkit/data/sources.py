@@ -51,6 +51,8 @@ class ImageSource:
         max_input_bytes: no input larger than this is read (see ``tokkit.data.inputs``).
         skipped: what was left out when listing (a second path to the same file, a link loop, an unreadable
             folder): name -> reason, for the caller to log.
+        options: how the inputs are read, when the user chose it (``image_key``, ``label_key``, ``split``): part of
+            the fingerprint, so that a resume with other options is refused.
     """
 
     kind = "base"
@@ -69,6 +71,7 @@ class ImageSource:
         self.class_to_idx = class_to_idx
         self.max_input_bytes = resolve_max_input_bytes(max_input_bytes)
         self.skipped: dict[str, str] = {}
+        self.options: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -88,7 +91,8 @@ class ImageSource:
 
         Folders and lists: each file's size and mtime (ns); zips: each member's CRC-32 and size; arrays: their bytes.
         """
-        payload = json.dumps([self.kind, self._fingerprint_items()], separators=(",", ":"))
+        options = [self.options] if self.options else []  # none chosen: the fingerprint of earlier versions
+        payload = json.dumps([self.kind, self._fingerprint_items(), *options], separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -327,14 +331,23 @@ class SampleSource(ArraySource):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-_KINDS = "an image folder, .zip, .txt list, .npy/.npz, webdataset .tar shards, .parquet files or 'sample'"
+_KINDS = (
+    "an image folder, .zip, .txt list, .npy/.npz, webdataset .tar shards (local or a URL), .parquet files, an MDS "
+    "folder, hf:ORG/NAME or 'sample'"
+)
+SOURCE_KINDS = ("auto", "hf", "mds")
+# the kinds that read each option (any other kind refuses it rather than ignore it)
+_KEYED = ("webdataset", "parquet", "mds", "hf")
+_OPTION_KINDS = {"image_key": _KEYED, "label_key": _KEYED, "split": ("mds", "hf")}
 
 
 def open_source(
     spec: str | Path,
     max_input_bytes: int | str | None = None,
-    image_key: str = "image",
-    label_key: str = "label",
+    image_key: str | None = None,
+    label_key: str | None = None,
+    split: str | None = None,
+    kind: str = "auto",
 ) -> ImageSource:
     """Open an image source.
 
@@ -342,21 +355,54 @@ def open_source(
         spec: an image folder (recursive; class subfolders -> labels), a ``.zip`` of images (class subfolders inside
             -> labels), a ``.txt`` list of image paths, a ``.npy``/``.npz`` uint8 array (N, H, W, 3) (``FILE.npz:KEY``
             picks an array; labels from ``labels``/``y``/``<prefix>_labels``, integers or strings), webdataset
-            ``.tar`` shards (one file, a glob ``shards/*.tar`` or a brace range ``data-{000000..000127}.tar``),
-            ``.parquet`` files (one file, a folder holding ``*.parquet``, or a pattern), or ``sample`` (the built-in
-            set). See ``tokkit.data.web_sources`` for tars and parquet.
+            ``.tar`` shards (one file, a glob ``shards/*.tar`` or a brace range ``data-{000000..000127}.tar``; also as
+            an fsspec URL such as ``s3://bucket/data-{000000..000127}.tar``), ``.parquet`` files (one file, a folder
+            holding ``*.parquet``, or a pattern), an MDS folder (holding ``index.json``, local or a URL), a Hugging
+            Face dataset ``hf:ORG/NAME`` (or ``hf:FOLDER``), or ``sample`` (the built-in set). See
+            ``tokkit.data.web_sources``, ``mds_source`` and ``hf_source``.
         max_input_bytes: the most bytes read for one input (a file, a zip member, an ``.npz`` array); default
             ``$TOKKIT_MAX_INPUT_BYTES`` or 256 MiB. A bigger input is a bad input (or, for an array, refused here).
-        image_key: parquet only: the image column (binary, or a ``{"bytes", "path"}`` struct).
-        label_key: parquet only: the label column (integers or names); absent -> unlabeled.
+        image_key: the image column (parquet, MDS, hf; default ``image``) or member extension (webdataset, e.g.
+            ``jpg``; default the first image member).
+        label_key: the label column (default ``label``) or member extension (webdataset; default ``cls``); absent ->
+            unlabeled.
+        split: hf: the split (default ``train``); MDS: a subfolder holding ``index.json``.
+        kind: ``auto`` (from the spec), ``hf`` (``spec`` is a dataset name or folder for ``datasets``) or ``mds``.
 
     Returns:
         An ``ImageSource``.
 
     Raises:
-        DataError: missing path, unknown kind, no images, a FIFO or device, an array in an ambiguous layout.
+        DataError: missing path, unknown kind, no images, a FIFO or device, an array in an ambiguous layout, or an
+            option the kind does not read.
     """
     text = str(spec)
+    if kind not in SOURCE_KINDS:
+        raise DataError(f"unknown source kind {kind!r}: use one of {', '.join(SOURCE_KINDS)}")
+    chosen = {k: v for k, v in (("image_key", image_key), ("label_key", label_key), ("split", split)) if v}
+    source = _open(text, max_input_bytes, image_key, label_key, split, kind)
+    unread = [k for k in chosen if source.kind not in _OPTION_KINDS[k]]
+    if unread:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unread)
+        kinds = ", ".join(sorted({x for k in unread for x in _OPTION_KINDS[k]}))
+        hint = "; for a Hugging Face data folder pass --source-kind hf" if source.kind == "parquet" else ""
+        raise DataError(f"{flags} does not apply to {source.kind} data ({text}): only to {kinds}{hint}")
+    return source
+
+
+def _open(
+    text: str, max_input_bytes: int | str | None, image_key: str | None, label_key: str | None, split: str | None,
+    kind: str,
+) -> ImageSource:  # fmt: skip
+    if kind == "hf" or text.startswith("hf:") and not Path(text).exists():
+        from tokkit.data.hf_source import PREFIX, HFSource
+
+        name = text[len(PREFIX) :] if text.startswith(PREFIX) else text
+        return HFSource(name, split, image_key, label_key, max_input_bytes)
+    from tokkit.data.mds_source import MDSSource, is_mds
+
+    if kind == "mds" or is_mds(os.path.expanduser(text)) or split and is_mds(os.path.join(text, split)):
+        return MDSSource(text, split, image_key, label_key, max_input_bytes)
     if text == "sample":
         return SampleSource()
     npz_key = None
@@ -378,7 +424,7 @@ def open_source(
         except DataError:
             from tokkit.data.web_sources import tar_folder
 
-            tars = tar_folder(path, max_input_bytes)  # a folder holding only webdataset shards
+            tars = tar_folder(path, max_input_bytes, image_key, label_key)  # a folder holding only webdataset shards
             if tars is None:
                 raise
             return tars

@@ -1,4 +1,4 @@
-"""Sharded sources: webdataset ``.tar`` shards and Hugging Face style ``.parquet`` files, local only.
+"""Sharded sources: webdataset ``.tar`` shards (local, or fsspec URLs) and Hugging Face style ``.parquet`` files.
 
 Both are planned up front like every other source: the shard list is expanded (brace ranges such as
 ``data-{000000..000127}.tar``, alternatives ``{train,val}``, then globs) and sorted, every sample is indexed, and a
@@ -29,6 +29,7 @@ from PIL import Image
 from tokkit.data.arrays import labels_to_ids
 from tokkit.data.images import BadImage, _first_line, decode_image
 from tokkit.data.inputs import too_large
+from tokkit.data.remote import expand_urls, filesystem, is_url, read_range, short_names, url_facts
 from tokkit.data.sources import IMAGE_EXTENSIONS, ImageSource, _require_regular, _stat_facts
 from tokkit.errors import DataError
 
@@ -171,35 +172,54 @@ class TarSource(ImageSource):
     """Samples of webdataset ``.tar`` shards, indexed up front and read by seeking to one member.
 
     Args:
-        paths: the tar files (sorted; see ``expand_shards``).
+        paths: the tar files (sorted; see ``expand_shards``): local paths, or fsspec URLs (``s3://b/d-0.tar``; read
+            with ranged requests, see ``tokkit.data.remote``).
         root: the spec they came from (recorded in the manifest).
         max_input_bytes: the most bytes read for one image member.
+        image_key: the image member's extension (``jpg``, ``seg.png``); None = the first image extension found.
+        label_key: the label member's extension (``cls``); None = ``cls``, ``class`` or ``label``.
     """
 
     kind = "webdataset"
 
-    def __init__(self, paths: list[str], root: str, max_input_bytes: int | str | None = None) -> None:
+    def __init__(
+        self,
+        paths: list[str],
+        root: str,
+        max_input_bytes: int | str | None = None,
+        image_key: str | None = None,
+        label_key: str | None = None,
+    ) -> None:
         if not paths:
             raise DataError(f"{root} names no .tar shards")
-        names = _short_names(paths)
+        remote = is_url(paths[0])
+        names = short_names(paths) if remote else _short_names(paths)
         keys: list[str] = []
         labels: list[int] = []
         locs: list[tuple[int, int, int, str] | None] = []  # (tar index, data offset, size, member) of each image
         tar_facts: list[list] = []
         notes: dict[str, str] = {}
+        label_exts = (label_key,) if label_key else LABEL_EXTENSIONS
         for t, (path, short) in enumerate(zip(paths, names, strict=True)):
-            _require_regular(Path(path))
-            samples, digest, stopped = self._index(path)
+            if remote:
+                fs, fpath = filesystem(path)
+                facts = url_facts(fs, fpath)
+                opener = lambda fs=fs, fpath=fpath: fs.open(fpath, "rb")  # noqa: E731
+            else:
+                _require_regular(Path(path))
+                facts = list(_stat_facts(path))
+                opener = lambda path=path: open(path, "rb")  # noqa: E731
+            samples, digest, stopped = self._index(path, opener)
             if stopped:
                 notes[short] = stopped
-            tar_facts.append([short, *_stat_facts(path), digest])
-            with open(path, "rb") as f:
+            tar_facts.append([short, *facts, digest])
+            with opener() as f:
                 for skey in sorted(samples):
                     exts = samples[skey]
                     key = f"{short}/{skey}"
-                    ext = _pick_image(exts)
+                    ext = _pick_image(exts) if image_key is None else (image_key if image_key in exts else None)
                     locs.append(None if ext is None else (t, exts[ext][0], exts[ext][1], f"{skey}.{ext}"))
-                    labels.append(self._label(f, key, exts, notes))
+                    labels.append(self._label(f, key, exts, notes, label_exts))
                     keys.append(key)
         if not keys:
             raise DataError(f"no samples found in {root}: expected webdataset .tar shards (KEY.jpg, KEY.cls ...)")
@@ -207,44 +227,54 @@ class TarSource(ImageSource):
         super().__init__(root, keys, ids, class_to_idx, max_input_bytes)
         self.paths = list(paths)
         self.skipped = notes
+        self.options = {k: v for k, v in (("image_key", image_key), ("label_key", label_key)) if v}
+        self._image_key = image_key
+        self._remote = remote
         self._locs = locs
         self._tar_facts = tar_facts
         self._handles = _Handles()
 
     @staticmethod
-    def _index(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str, str | None]:
+    def _index(path: str, opener: Any) -> tuple[dict[str, dict[str, tuple[int, int]]], str, str | None]:
         """sample key -> {extension: (data offset, size)}, the sha256 of the member list (names, sizes), and why the
         listing stopped early (a tar cut short: the members before the cut are kept, the cut one reads as bad)."""
         h = hashlib.sha256()
         samples: dict[str, dict[str, tuple[int, int]]] = {}
         stopped = None
         try:
-            tf = tarfile.open(path, mode="r:")  # "r:": uncompressed only, so that members can be seeked to
-        except (tarfile.TarError, OSError, EOFError) as e:
-            hint = "compressed tars (.tar.gz) are not read: decompress them" if path.endswith("gz") else ""
-            hint = hint or "check the file is a complete, uncompressed .tar"
-            raise DataError(f"cannot read tar {path}: {_first_line(e)}; {hint}") from None
-        with tf:
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    stopped = f"tar listing stopped after {len(tf.members)} members: {_first_line(e)} (truncated?)"
-                    break
-                if ti is None:
-                    break
-                h.update(f"{ti.name}\0{ti.size}\0{ti.type!r}\n".encode())
-                if not ti.isreg() or ti.issparse():
-                    continue
-                name = ti.name[2:] if ti.name.startswith("./") else ti.name  # ``tar cf x.tar .`` writes ./KEY.jpg
-                split = _split_member(name)
-                if split is not None:  # a name stored twice is one member: the last copy, as tar extracts it
-                    samples.setdefault(split[0], {})[split[1]] = (ti.offset_data, ti.size)
+            f = opener()
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read tar {path}: {_first_line(e)}") from None
+        with f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r:")  # "r:": uncompressed only, so that members can be seeked to
+            except (tarfile.TarError, OSError, EOFError) as e:
+                hint = "compressed tars (.tar.gz) are not read: decompress them" if path.endswith("gz") else ""
+                hint = hint or "check the file is a complete, uncompressed .tar"
+                raise DataError(f"cannot read tar {path}: {_first_line(e)}; {hint}") from None
+            with tf:
+                while True:
+                    try:
+                        ti = tf.next()
+                    except (tarfile.TarError, OSError, EOFError) as e:
+                        stopped = f"tar listing stopped after {len(tf.members)} members: {_first_line(e)} (truncated?)"
+                        break
+                    if ti is None:
+                        break
+                    h.update(f"{ti.name}\0{ti.size}\0{ti.type!r}\n".encode())
+                    if not ti.isreg() or ti.issparse():
+                        continue
+                    name = ti.name[2:] if ti.name.startswith("./") else ti.name  # ``tar cf x.tar .``: ./KEY.jpg
+                    split = _split_member(name)
+                    if split is not None:  # a name stored twice is one member: the last copy, as tar extracts it
+                        samples.setdefault(split[0], {})[split[1]] = (ti.offset_data, ti.size)
         return samples, h.hexdigest(), stopped
 
     @staticmethod
-    def _label(f, key: str, exts: dict[str, tuple[int, int]], bad: dict[str, str]) -> int:
-        for ext in LABEL_EXTENSIONS:
+    def _label(
+        f, key: str, exts: dict[str, tuple[int, int]], bad: dict[str, str], label_exts: tuple[str, ...]
+    ) -> int:
+        for ext in label_exts:
             if ext in exts:
                 offset, size = exts[ext]
                 f.seek(offset)
@@ -260,17 +290,24 @@ class TarSource(ImageSource):
                 return value
         return -1
 
+    def _read_member(self, t: int, offset: int, size: int) -> bytes:
+        if self._remote:
+            fs, fpath = filesystem(self.paths[t])
+            return read_range(fs, fpath, offset, size)
+        return _pread(self._handles.get(self.paths[t]), size, offset)
+
     def read(self, i: int) -> Image.Image:
         key, loc = self.keys[i], self._locs[i]
         if loc is None:
-            raise BadImage(key, "sample has no image member (expected KEY.jpg, KEY.png, KEY.webp ...)")
+            want = f"KEY.{self._image_key}" if self._image_key else "KEY.jpg, KEY.png, KEY.webp ..."
+            raise BadImage(key, f"sample has no image member (expected {want})")
         t, offset, size, member = loc
         if size > self.max_input_bytes:
             raise BadImage(key, too_large(size, self.max_input_bytes, "tar member"))
         try:
-            data = _pread(self._handles.get(self.paths[t]), size, offset)
-        except OSError as e:
-            raise BadImage(key, f"cannot read tar member {member}: {e.strerror or e}") from None
+            data = self._read_member(t, offset, size)
+        except (OSError, ValueError, DataError) as e:
+            raise BadImage(key, f"cannot read tar member {member}: {getattr(e, 'strerror', None) or e}") from None
         if len(data) != size:
             raise BadImage(key, f"tar member {member} is cut short ({len(data)} of {size} bytes): the tar is truncated")
         return decode_image(data, key)
@@ -280,23 +317,34 @@ class TarSource(ImageSource):
 
 
 def open_sharded(
-    text: str, image_key: str = "image", label_key: str = "label", max_input_bytes: int | str | None = None
+    text: str,
+    image_key: str | None = None,
+    label_key: str | None = None,
+    max_input_bytes: int | str | None = None,
 ) -> ImageSource | None:
     """A ``TarSource`` or ``ParquetSource`` (``tokkit.data.parquet_source``) for ``text`` (a pattern, a ``.tar``, a
-    ``.parquet``, or a folder holding ``*.parquet`` files), or None when ``text`` names none of these (a folder of
-    ``*.tar`` files and no images is opened by ``open_source`` through ``tar_folder``, once its walk finds no image).
+    ``.parquet``, or a folder holding ``*.parquet`` files; tars also as fsspec URLs), or None when ``text`` names none
+    of these (a folder of ``*.tar`` files and no images is opened by ``open_source`` through ``tar_folder``, once its
+    walk finds no image).
 
     Raises:
-        DataError: a pattern with missing shards, matching nothing, or mixing tars and parquet files.
+        DataError: a pattern with missing shards, matching nothing, or mixing tars and parquet files; a URL that is
+            not a tar; a missing fsspec backend (one line naming the package).
     """
+    if is_url(text):
+        urls = expand_urls(expand_braces(text))
+        suffixes = {_suffix(u) for u in urls}
+        if suffixes != {".tar"}:
+            kinds = sorted(suffixes)
+            raise DataError(f"{text} names {len(urls)} objects of kinds {kinds}: URLs are read as .tar shards")
+        return TarSource(urls, text, max_input_bytes, image_key, label_key)
     path = os.path.expanduser(text)
+    pq_keys = (image_key or "image", label_key or "label")
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), "*.parquet")))
         if not files:
             return None
-        from tokkit.data.parquet_source import ParquetSource
-
-        return ParquetSource(files, os.path.abspath(path), image_key, label_key, max_input_bytes)
+        return _parquet(files, os.path.abspath(path), pq_keys, max_input_bytes)
     if os.path.exists(path):
         paths = [os.path.abspath(path)]
     elif is_pattern(path):
@@ -306,11 +354,9 @@ def open_sharded(
     suffixes = {_suffix(p) for p in paths}
     root = os.path.abspath(path)
     if suffixes == {".tar"}:
-        return TarSource(paths, root, max_input_bytes)
+        return TarSource(paths, root, max_input_bytes, image_key, label_key)
     if suffixes == {".parquet"}:
-        from tokkit.data.parquet_source import ParquetSource  # pyarrow is imported only for parquet
-
-        return ParquetSource(paths, root, image_key, label_key, max_input_bytes)
+        return _parquet(paths, root, pq_keys, max_input_bytes)
     if len(paths) > 1 or suffixes & {".tar", ".parquet", ".tar.gz", ".tgz"}:
         if suffixes & {".tar.gz", ".tgz"}:
             raise DataError(f"{text}: compressed tars are not read (no seeking): decompress them to .tar")
@@ -318,10 +364,25 @@ def open_sharded(
     return None
 
 
-def tar_folder(path: str | os.PathLike, max_input_bytes: int | str | None = None) -> TarSource | None:
+def _parquet(paths: list[str], root: str, keys: tuple[str, str], max_input_bytes: int | str | None) -> ImageSource:
+    from tokkit.data.parquet_source import ParquetSource  # pyarrow is imported only for parquet
+
+    source = ParquetSource(paths, root, keys[0], keys[1], max_input_bytes)
+    source.options = {k: v for k, v, d in (("image_key", keys[0], "image"), ("label_key", keys[1], "label")) if v != d}
+    return source
+
+
+def tar_folder(
+    path: str | os.PathLike,
+    max_input_bytes: int | str | None = None,
+    image_key: str | None = None,
+    label_key: str | None = None,
+) -> TarSource | None:
     """The ``*.tar`` files directly inside a folder (that holds no images) as a ``TarSource``, or None."""
     files = sorted(glob.glob(os.path.join(glob.escape(str(path)), "*.tar")))
-    return TarSource([os.path.abspath(f) for f in files], os.path.abspath(path), max_input_bytes) if files else None
+    if not files:
+        return None
+    return TarSource([os.path.abspath(f) for f in files], os.path.abspath(path), max_input_bytes, image_key, label_key)
 
 
 def _suffix(path: str) -> str:

@@ -17,7 +17,11 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 
 
 class SpatialNorm(nn.Module):
-    """MoVQ spatially conditional normalization: ``GroupNorm(f) * scale(zq) + shift(zq)``, zq resized to f."""
+    """MoVQ spatially conditional normalization: ``GroupNorm(f) * scale(zq) + shift(zq)``, zq resized to f.
+
+    The GroupNorm has no affine parameters: an affine one (diffusers' ``SpatialNorm.norm_layer``) folds exactly into
+    ``scale`` and ``shift`` with ``fold_norm_affine``.
+    """
 
     def __init__(self, channels: int, cond_channels: int) -> None:
         super().__init__()
@@ -35,6 +39,30 @@ class SpatialNorm(nn.Module):
         if cond.shape[-2:] != x.shape[-2:]:
             cond = F.interpolate(cond, size=x.shape[-2:], mode="nearest")
         return self.norm(x) * self.scale(cond) + self.shift(cond)
+
+
+def fold_norm_affine(
+    gamma: Tensor, beta: Tensor, scale_w: Tensor, scale_b: Tensor, shift_w: Tensor, shift_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fold an affine GroupNorm ``(gamma, beta)`` into a ``SpatialNorm``'s 1x1 convs.
+
+    ``(n * gamma + beta) * (Ws zq + bs) + (Wt zq + bt)``
+    ``= n * (gamma Ws zq + gamma bs) + ((Wt + beta Ws) zq + bt + beta bs)`` with ``n`` the plain GroupNorm output:
+    the same function up to float rounding.
+
+    Args:
+        gamma: (C,) GroupNorm weight.
+        beta: (C,) GroupNorm bias.
+        scale_w: (C, Cz, 1, 1) weight of the conv giving the scale (diffusers' ``conv_y``).
+        scale_b: (C,) its bias.
+        shift_w: (C, Cz, 1, 1) weight of the conv giving the shift (diffusers' ``conv_b``).
+        shift_b: (C,) its bias.
+
+    Returns:
+        (scale.weight, scale.bias, shift.weight, shift.bias) for ``SpatialNorm``.
+    """
+    g, b = gamma.reshape(-1, 1, 1, 1), beta.reshape(-1, 1, 1, 1)  # (C, 1, 1, 1)
+    return g * scale_w, gamma * scale_b, shift_w + b * scale_w, shift_b + beta * scale_b
 
 
 class Norm(nn.Module):
@@ -120,4 +148,14 @@ def run_blocks(blocks: nn.ModuleList, x: Tensor, cond: Tensor | None = None) -> 
     return x
 
 
-__all__ = ["AttnBlock", "Downsample", "Norm", "ResBlock", "SpatialNorm", "Upsample", "num_groups_for", "run_blocks"]
+__all__ = [
+    "AttnBlock",
+    "Downsample",
+    "Norm",
+    "ResBlock",
+    "SpatialNorm",
+    "Upsample",
+    "fold_norm_affine",
+    "num_groups_for",
+    "run_blocks",
+]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,37 +24,99 @@ from tokkit.data.images import BadImage, _first_line, _to_rgb, _upright, decode_
 from tokkit.data.inputs import max_input_bytes, read_regular_file
 from tokkit.data.transforms import center_crop_resize, to_float, to_uint8
 from tokkit.errors import ConfigError
-from tokkit.models.autoencoder import Decoder, Encoder
 from tokkit.quantizers.base import Quantizer, QuantizerOutput, build_quantizer
+
+# arch name -> the module holding its ``Encoder`` and ``Decoder`` (imported when first used)
+ARCHS: dict[str, str] = {"vqgan": "tokkit.models.autoencoder", "magvit2": "tokkit.models.magvit2"}
+
+# keyword arguments an arch may lack, as long as the config leaves them at these values
+_OPTIONAL_KWARGS: dict[str, Any] = {"attention": False, "attn_levels": [], "spatial_norm": False, "cond_channels": None}
+
+
+def arch_modules(arch: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The ``(Encoder, Decoder)`` classes of ``arch`` (a key of ``ARCHS``).
+
+    Raises:
+        ConfigError: an unknown arch, or one whose module this install lacks.
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"tokenizer.arch: unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    name = ARCHS[arch]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise ConfigError(
+            f"tokenizer.arch {arch!r} needs the module {name}, which this tokkit install lacks: upgrade tokkit"
+        ) from None
+    return module.Encoder, module.Decoder
+
+
+def _arch_kwargs(config: TokenizerConfig, cls: type[nn.Module], kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` + the ``config.arch_kwargs`` that ``cls`` takes; keywords of ``kw`` it lacks must be at their defaults."""
+    extra = dict(config.arch_kwargs)
+    clash = sorted(set(extra) & set(kw))
+    if clash:
+        raise ConfigError(f"tokenizer.arch_kwargs must not set {', '.join(clash)}: they are tokenizer fields")
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {**kw, **extra}
+    out = {}
+    for k, v in kw.items():
+        if k in params:
+            out[k] = v
+        elif k not in _OPTIONAL_KWARGS or v != _OPTIONAL_KWARGS[k]:
+            raise ConfigError(f"tokenizer.arch {config.arch!r}: its {cls.__name__} takes no {k!r} (= {v!r}); unset it")
+    # one dict serves both classes: each takes the keys it knows; a key that neither knows is a mistake
+    both = {name for c in arch_modules(config.arch) for name in inspect.signature(c).parameters}
+    unknown = sorted(set(extra) - both)
+    if unknown:
+        raise ConfigError(
+            f"tokenizer.arch_kwargs {', '.join(unknown)} not taken by arch {config.arch!r}'s Encoder or Decoder; "
+            f"they take: {', '.join(sorted(both))}"
+        )
+    return {**out, **{k: v for k, v in extra.items() if k in params}}
 
 
 def encoder_kwargs(config: TokenizerConfig) -> dict[str, Any]:
-    """The ``Encoder`` keyword arguments described by ``config``."""
-    return {
+    """The keyword arguments of ``config.arch``'s ``Encoder`` described by ``config`` (``arch_kwargs`` included)."""
+    kw = {
         "in_channels": config.in_channels,
         "base_channels": config.base_channels,
         "channel_mult": list(config.channel_mult),
         "num_res_blocks": config.num_res_blocks,
         "attention": config.attention,
+        "attn_levels": list(config.attn_levels),
         "z_channels": config.z_channels,
     }
+    return _arch_kwargs(config, arch_modules(config.arch)[0], kw)
 
 
 def decoder_kwargs(config: TokenizerConfig) -> dict[str, Any]:
-    """The ``Decoder`` keyword arguments described by ``config``."""
-    kw = encoder_kwargs(config)
-    kw["out_channels"] = kw.pop("in_channels")
-    kw["spatial_norm"] = config.spatial_norm
-    return kw
+    """The keyword arguments of ``config.arch``'s ``Decoder`` described by ``config`` (``arch_kwargs`` included)."""
+    res_blocks = config.num_res_blocks if config.decoder_res_blocks is None else config.decoder_res_blocks
+    kw = {
+        "out_channels": config.in_channels,
+        "base_channels": config.base_channels,
+        "channel_mult": list(config.channel_mult),
+        "num_res_blocks": res_blocks,
+        "attention": config.attention,
+        "attn_levels": list(config.attn_levels),
+        "z_channels": config.z_channels,
+        "spatial_norm": config.spatial_norm,
+        "cond_channels": config.quantizer_dim if config.spatial_norm else None,
+    }
+    return _arch_kwargs(config, arch_modules(config.arch)[1], kw)
 
 
 def quantizer_from_config(config: TokenizerConfig) -> Quantizer:
-    """Build the registered quantizer ``config.quantizer`` with ``dim=config.z_channels`` and its kwargs."""
+    """Build the registered quantizer ``config.quantizer`` with ``dim=config.quantizer_dim`` and its kwargs."""
     importlib.import_module("tokkit.quantizers")  # registers every family
     kwargs = dict(config.quantizer_kwargs)
     if "dim" in kwargs:
-        raise ConfigError("tokenizer.quantizer_kwargs must not set 'dim': it is tokenizer.z_channels")
-    return build_quantizer(config.quantizer, dim=config.z_channels, **kwargs)
+        raise ConfigError("tokenizer.quantizer_kwargs must not set 'dim': it is tokenizer.embed_dim")
+    return build_quantizer(config.quantizer, dim=config.quantizer_dim, **kwargs)
 
 
 class Tokenizer(nn.Module):
@@ -83,9 +146,16 @@ class Tokenizer(nn.Module):
         if isinstance(config, dict):
             config = TokenizerConfig.from_dict(config)
         self.config = config
-        self.encoder = Encoder(**encoder_kwargs(config))
+        encoder_cls, decoder_cls = arch_modules(config.arch)
+        self.encoder = encoder_cls(**encoder_kwargs(config))
+        self.quant_conv: nn.Conv2d | None = None
+        self.post_quant_conv: nn.Conv2d | None = None
+        if config.quant_conv:
+            self.quant_conv = nn.Conv2d(config.z_channels, config.quantizer_dim, 1)
         self.quantizer = quantizer_from_config(config)
-        self.decoder = Decoder(**decoder_kwargs(config))
+        if config.quant_conv:
+            self.post_quant_conv = nn.Conv2d(config.quantizer_dim, config.z_channels, 1)
+        self.decoder = decoder_cls(**decoder_kwargs(config))
 
     @classmethod
     def from_config(cls, config: TokenizerConfig | dict[str, Any]) -> Tokenizer:
@@ -127,11 +197,24 @@ class Tokenizer(nn.Module):
         return (*self.token_grid, g) if g > 1 else tuple(self.token_grid)
 
     # ---- the three operations ------------------------------------------------------------------------------------
+    def latents(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> what the quantizer sees (B, E, h, w): the encoder's output, through ``quant_conv``."""
+        z = self.encoder(images)  # (B, Z, h, w)
+        return z if self.quant_conv is None else self.quant_conv(z)  # (B, E, h, w)
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        """Quantized codes (B, E, h, w) -> images (B, 3, H, W), unclamped.
+
+        ``post_quant_conv`` maps the codes to the decoder's input; a spatial-norm decoder is conditioned on the codes
+        themselves (before ``post_quant_conv``), as diffusers' MoVQ is.
+        """
+        h = codes if self.post_quant_conv is None else self.post_quant_conv(codes)  # (B, Z, h, w)
+        return self.decoder(h, codes) if self.config.spatial_norm else self.decoder(h)
+
     def forward(self, images: Tensor) -> tuple[Tensor, QuantizerOutput]:
         """Reconstruct: (B, 3, H, W) in [-1, 1] -> (reconstruction (B, 3, H, W), unclamped; QuantizerOutput)."""
-        z = self.encoder(images)  # (B, Z, h, w)
-        q = self.quantizer(z)
-        return self.decoder(q.codes), q
+        q = self.quantizer(self.latents(images))
+        return self.decode_codes(q.codes), q
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -140,7 +223,7 @@ class Tokenizer(nn.Module):
         was_training = self.quantizer.training
         self.quantizer.eval()  # never update codebook statistics (EMA, dead codes) while tokenizing
         try:
-            return self.quantizer(self.encoder(images)).indices
+            return self.quantizer(self.latents(images)).indices
         finally:
             self.quantizer.train(was_training)
 
@@ -149,9 +232,9 @@ class Tokenizer(nn.Module):
         """int token ids (B, h, w[, G]) -> float images (B, 3, H, W) clamped to [-1, 1]."""
         if indices.is_floating_point():
             raise ConfigError(f"decode expects integer token ids, got {indices.dtype}")
-        codes = self.quantizer.indices_to_codes(indices.long())  # (B, Z, h, w) float32
+        codes = self.quantizer.indices_to_codes(indices.long())  # (B, E, h, w) float32
         param = next(self.decoder.parameters())
-        return self.decoder(codes.to(param.dtype)).clamp(-1.0, 1.0)
+        return self.decode_codes(codes.to(param.dtype)).clamp(-1.0, 1.0)
 
     # ---- images in, images out ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,8 +420,10 @@ def _rgb_image(x: Any, key: str) -> Image.Image:
 
 
 __all__ = [
+    "ARCHS",
     "ImageInput",
     "Tokenizer",
+    "arch_modules",
     "decoder_kwargs",
     "encoder_kwargs",
     "load",

@@ -2,8 +2,9 @@
 
 Each of the ``bits = log2(K)`` latent channels is quantized to its sign; the token index is the bits read as a
 binary number, **channel 0 being the most significant bit** (``index = sum_i bit_i * 2^(bits - 1 - i)``, bit 1 for
-a positive channel). With ``spherical=True`` (BSQ) the latent is l2-normalized first and the codes are
-``±1/sqrt(bits)``, so they lie on the unit sphere.
+a positive channel). ``bit_order="lsb"`` makes channel 0 the least significant bit (``index = sum_i bit_i * 2^i``),
+the order of Open-MAGVIT2's and MaskBit's published tokenizers. With ``spherical=True`` (BSQ) the latent is
+l2-normalized first and the codes are ``±1/sqrt(bits)``, so they lie on the unit sphere.
 
 Entropy loss (MAGVIT-v2): ``weight * (mean per-sample entropy - gamma * codebook entropy)``, where the soft
 assignment of a latent ``z`` to a code ``c`` is ``softmax_c(2 <z, c> / T)``.
@@ -171,6 +172,8 @@ class LFQ(Quantizer):
         entropy_warmup_steps: training steps over which the entropy-loss multiplier decays linearly from
             ``entropy_warmup_multiplier`` to 1 (0 disables the warm-up).
         entropy_warmup_multiplier: initial multiplier of the entropy loss.
+        bit_order: ``"msb"``: channel 0 is the index's most significant bit; ``"lsb"``: its least significant bit
+            (Open-MAGVIT2, MaskBit). Only the index <-> bits mapping changes; codes and losses do not.
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class LFQ(Quantizer):
         entropy_group_bits: int = 10,
         entropy_warmup_steps: int = 0,
         entropy_warmup_multiplier: float = 1.0,
+        bit_order: str = "msb",
     ) -> None:
         super().__init__()
         codebook_size = int(codebook_size)
@@ -200,8 +204,11 @@ class LFQ(Quantizer):
             raise ConfigError(f"entropy_group_bits must be >= 1, got {entropy_group_bits}")
         if entropy_warmup_steps < 0 or entropy_warmup_multiplier < 1:
             raise ConfigError("entropy_warmup_steps must be >= 0 and entropy_warmup_multiplier >= 1")
+        if bit_order not in ("msb", "lsb"):
+            raise ConfigError(f"LFQ bit_order must be 'msb' or 'lsb', got {bit_order!r}")
         self.dim = int(dim)
         self.codebook_size = codebook_size
+        self.bit_order = bit_order
         self.num_groups = 1
         self.bits = bits
         self.entropy_weight = float(entropy_weight)
@@ -220,7 +227,22 @@ class LFQ(Quantizer):
         self.project_out: nn.Module = nn.Linear(bits, dim) if dim != bits else nn.Identity()
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, bits={self.bits}, spherical={self.spherical}, entropy_weight={self.entropy_weight}"
+        return (
+            f"dim={self.dim}, bits={self.bits}, spherical={self.spherical}, entropy_weight={self.entropy_weight}, "
+            f"bit_order={self.bit_order}"
+        )
+
+    def _bit_weights(self, device: torch.device) -> Tensor:
+        """(bits,) int64 value of each channel's bit in the index: 2^(bits-1-i) (``msb``) or 2^i (``lsb``)."""
+        powers = torch.arange(self.bits, device=device, dtype=torch.int64)
+        if self.bit_order == "msb":
+            powers = powers.flip(0)
+        return torch.ones((), dtype=torch.int64, device=device) << powers
+
+    def _channel_bits(self, indices: Tensor) -> Tensor:
+        """(...,) int indices -> (..., bits) int64 in {0, 1}, in channel order."""
+        bits = indices_to_bits(indices, self.bits)  # most significant first
+        return bits.flip(-1) if self.bit_order == "lsb" else bits
 
     def entropy_multiplier(self) -> float:
         """Current warm-up multiplier of the entropy loss (decays linearly to 1)."""
@@ -245,10 +267,7 @@ class LFQ(Quantizer):
         positive = z > 0  # (B, *S, bits) bool; a zero channel counts as bit 0
         q = torch.where(positive, self.scale, -self.scale).detach()
         codes = q + (z - z.detach())  # straight-through, exact forward value
-        weights = torch.ones((), dtype=torch.int64, device=x.device) << torch.arange(
-            self.bits - 1, -1, -1, device=x.device, dtype=torch.int64
-        )
-        indices = (positive.long() * weights).sum(-1)  # (B, *S)
+        indices = (positive.long() * self._bit_weights(x.device)).sum(-1)  # (B, *S)
 
         loss = x.new_zeros(())
         flat = z.reshape(-1, self.bits)  # (N, bits)
@@ -272,7 +291,7 @@ class LFQ(Quantizer):
     def usage_counts(self, indices: Tensor) -> dict[str, Tensor]:
         """``{"ones": (bits,), "tokens": ()}``: how often each bit is 1, and the number of tokens, on the CPU."""
         flat = indices.detach().reshape(-1)  # (N,)
-        ones = indices_to_bits(flat, self.bits).sum(0)  # (N, bits) -> (bits,)
+        ones = self._channel_bits(flat).sum(0)  # (N, bits) -> (bits,) per channel
         return {"ones": ones.cpu(), "tokens": torch.tensor(flat.numel(), dtype=torch.int64)}
 
     def usage_report(self, counts: dict[str, Tensor]) -> dict[str, Any]:
@@ -291,6 +310,6 @@ class LFQ(Quantizer):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, *S) int -> (B, D, *S) float32, equal to ``forward``'s codes."""
-        bits = indices_to_bits(indices, self.bits)  # (B, *S, bits)
+        bits = self._channel_bits(indices)  # (B, *S, bits)
         q = torch.where(bits.bool(), self.scale, -self.scale).float()
         return self._project_out(q)

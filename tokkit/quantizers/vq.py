@@ -1,9 +1,10 @@
 """Vector quantization with a learned codebook (VQ-VAE, VQGAN, MaskGIT, LlamaGen, MoVQ).
 
-Features: l2 or cosine (l2-normalized) codes; a low-dimensional lookup with in/out projections (LlamaGen's
-``codebook_dim=8`` with ``K=16384``); a codebook learned by loss or by EMA with Laplace smoothing; k-means
-initialisation from the first training batch; dead-code restart from the current encoder outputs; the
-straight-through or the rotation-trick gradient estimator; MoVQ-style multichannel quantization (``groups=G`` heads
+Features: the nearest code by l2 distance, by cosine similarity (l2-normalized latents and codes, LlamaGen) or by the
+largest raw dot product (``metric="dot"``, IBQ's ``IndexPropagationQuantize``); a low-dimensional lookup with in/out
+projections (LlamaGen's ``codebook_dim=8`` with ``K=16384``); a codebook learned by loss or by EMA with Laplace
+smoothing; k-means initialisation from the first training batch; dead-code restart from the current encoder outputs;
+the straight-through or the rotation-trick gradient estimator; MoVQ-style multichannel quantization (``groups=G`` heads
 sharing one codebook). The nearest-code search runs in chunks of at most ``search_chunk`` scores, so its memory stays
 bounded whatever K and the batch size.
 
@@ -23,6 +24,7 @@ from tokkit.errors import ConfigError
 from tokkit.quantizers.base import Quantizer, QuantizerOutput, batch_usage_stats, register_quantizer
 
 _BLOCK = 128  # codes per block of the two-level argmax
+METRICS = ("l2", "cosine", "dot")  # how VQ picks the code (see VQ's docstring)
 
 
 @torch.no_grad()
@@ -36,9 +38,10 @@ def nearest_code(z: Tensor, table: Tensor, cosine: bool, chunk: int | None = Non
     times faster there.
 
     Args:
-        z: (N, d) float vectors (unit-norm when ``cosine``).
-        table: (K, d) codes (unit-norm when ``cosine``).
-        cosine: largest dot product instead of smallest euclidean distance.
+        z: (N, d) float vectors (unit-norm for the cosine metric, raw for the dot metric).
+        table: (K, d) codes (likewise).
+        cosine: largest dot product ``z . e`` instead of smallest euclidean distance (the search of both the
+            ``"cosine"`` metric, on unit vectors, and the ``"dot"`` metric, on raw ones).
         chunk: most scores materialized at once (rows per chunk = chunk // K, at least 1); default 2^18 on CPU
             (cache-sized) and 2^26 on accelerators and under ``torch.compile``.
 
@@ -118,8 +121,12 @@ class VQ(Quantizer):
         codebook_size: number of codes K.
         codebook_dim: dimension of the codes; projections map each head's D/G channels to it and back when it differs
             (default: D/G, no projection).
-        cosine: l2-normalize latents and codes (nearest by cosine similarity). Codes start as N(0, 1) samples
-            (normalized when ``cosine``) unless ``kmeans_init``.
+        metric: how the code is picked: ``"l2"`` (smallest euclidean distance; the default), ``"cosine"``
+            (l2-normalize latents and codes, largest cosine similarity) or ``"dot"`` (largest raw dot product
+            ``z . e``, nothing normalized: IBQ). Training is the same for all three: commitment (+ codebook) mse and
+            the straight-through (or rotation-trick) estimator; IBQ's softmax index-backpropagation estimator is not
+            reproduced. Codes start as N(0, 1) samples (normalized for ``"cosine"``) unless ``kmeans_init``.
+        cosine: the older spelling of ``metric="cosine"`` (``True``); ``False`` leaves ``metric`` as given.
         ema: learn the codebook by exponential moving averages of the assigned latents instead of by loss.
         decay: EMA decay.
         eps: Laplace smoothing of the EMA cluster sizes.
@@ -141,6 +148,7 @@ class VQ(Quantizer):
         codebook_size: int,
         codebook_dim: int | None = None,
         cosine: bool = False,
+        metric: str | None = None,
         ema: bool = True,
         decay: float = 0.99,
         eps: float = 1e-5,
@@ -171,7 +179,15 @@ class VQ(Quantizer):
         self.num_groups = int(groups)
         self.head_dim = head_dim
         self.codebook_dim = codebook_dim
-        self.cosine = bool(cosine)
+        if metric is None:
+            metric = "cosine" if cosine else "l2"
+        if metric not in METRICS:
+            raise ConfigError(f"VQ metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if cosine and metric != "cosine":
+            raise ConfigError(f"VQ cosine=True contradicts metric={metric!r}: pass only metric")
+        self.metric = str(metric)
+        self.cosine = self.metric == "cosine"  # normalize latents and codes
+        self._dot_search = self.metric != "l2"  # search by the largest dot product
         self.ema = bool(ema)
         self.decay = float(decay)
         self.eps = float(eps)
@@ -203,7 +219,7 @@ class VQ(Quantizer):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
-            f"cosine={self.cosine}, ema={self.ema}, groups={self.num_groups}, rotation_trick={self.rotation_trick}"
+            f"metric={self.metric}, ema={self.ema}, groups={self.num_groups}, rotation_trick={self.rotation_trick}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -253,7 +269,7 @@ class VQ(Quantizer):
         broadcast_(centroids)
         counts = centroids.new_zeros(k)
         for _ in range(self.kmeans_iters):
-            idx = nearest_code(z, centroids, self.cosine, self.search_chunk)
+            idx = nearest_code(z, centroids, self._dot_search, self.search_chunk)
             counts, sums = self._counts_and_sums(z, idx, ok)
             means = sums / counts.clamp_min(1).unsqueeze(1)
             if self.cosine:
@@ -322,7 +338,7 @@ class VQ(Quantizer):
         if ok is not None and self._needs_kmeans:
             self._kmeans(z.detach(), ok)
         table = self.table()
-        idx = nearest_code(z.detach(), table.detach(), self.cosine, self.search_chunk)  # (N*G,)
+        idx = nearest_code(z.detach(), table.detach(), self._dot_search, self.search_chunk)  # (N*G,)
         q = F.embedding(idx, table)  # (N*G, d); gradient reaches a loss-learned codebook
 
         loss = self.commitment_weight * F.mse_loss(z, q.detach())
