@@ -292,3 +292,24 @@ def test_two_processes_give_the_numbers_of_one(ckpts, images, wdir, tmp_path) ->
         assert b["usage"]["entropy_bits"] == pytest.approx(a.usage["entropy_bits"], rel=1e-12)
     assert (tmp_path / "two" / "rate_distortion.png").is_file()
     assert (tmp_path / "two" / "vq16-recon.png").is_file()
+
+
+def test_a_converted_peer_checkpoint_carries_its_provenance_into_bench(images, tmp_path) -> None:
+    """tokkit convert writes extra['provenance']; bench reads peer + variant from it (a random tiny taming VQGAN)."""
+    taming_model = pytest.importorskip("taming.modules.diffusionmodules.model", reason="needs taming-transformers")
+    from tokkit.peers import convert_source
+
+    dd = {"ch": 32, "out_ch": 3, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+          "in_channels": 3, "resolution": 32, "z_channels": 8, "double_z": False}  # fmt: skip
+    torch.manual_seed(0)
+    parts = {
+        "encoder": taming_model.Encoder(**dd), "decoder": taming_model.Decoder(**dd),
+        "quant_conv": torch.nn.Conv2d(8, 8, 1), "post_quant_conv": torch.nn.Conv2d(8, 8, 1),
+    }  # fmt: skip
+    state = {f"{n}.{k}": v for n, m in parts.items() for k, v in m.state_dict().items()}
+    state["quantize.embedding.weight"] = torch.randn(32, 8)
+    torch.save({"state_dict": state}, tmp_path / "last.ckpt")
+    convert_source(tmp_path / "last.ckpt", tmp_path / "converted", resolution=32)
+    res = bench([tmp_path / "converted"], images, num_images=2, metrics=["psnr"], device="cpu")
+    prov = res.results[0].tokenizer["provenance"]
+    assert prov["peer"] == "taming" and prov["variant"] == "f2-32" and prov["license"]

@@ -13,6 +13,10 @@ from tokkit.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    NnodesOpt,
+    NodeRankOpt,
     NprocOpt,
     NumImagesOpt,
     QuietOpt,
@@ -22,6 +26,7 @@ from tokkit.cli.common import (
     cap_workers,
     err_console,
     handle_errors,
+    launch,
     library_default,
 )
 from tokkit.cli.output import emit_json, emit_table
@@ -104,6 +109,10 @@ def bench(
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -112,11 +121,10 @@ def bench(
     Offline without the InceptionV3 / AlexNet weights, rFID and LPIPS are reported as unavailable (with the file to
     put where) and the other metrics still run.
     """
-    from tokkit import distributed as tdist
     from tokkit.bench import bench as run_bench
     from tokkit.report import notes, summary_rows
 
-    if nproc_per_node > 1:
+    if nproc_per_node > 1 or (nnodes, node_rank, master_addr, master_port) != (1, 0, None, None):
         args = [
             "bench", *map(str, checkpoints), "--data", str(data), "--out", str(out), "--protocol", protocol,
             *(["--ref-stats", str(ref_stats)] if ref_stats is not None else []),
@@ -126,7 +134,7 @@ def bench(
             *(["--workers", str(workers)] if workers is not None else []), *(["--quiet"] if quiet else []),
             *(["--json"] if json_out else []),
         ]  # fmt: skip
-        raise typer.Exit(tdist.relaunch_under_torchrun(nproc_per_node, args))
+        launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
     reporter = _Reporter(enabled=main and not quiet)
     result = run_bench(
