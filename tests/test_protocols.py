@@ -113,3 +113,17 @@ def test_published_variants_are_the_converters_names() -> None:
             checked += 1
     if not checked:
         pytest.skip("no peer converter on this branch yet (tokkit.peers arrives with the peers/models merge)")
+
+
+def test_the_source_file_name_tells_same_shaped_checkpoints_apart() -> None:
+    from tokkit.protocols import published_for
+
+    base = {"peer": "open-magvit2", "variant": "imagenet_256_L"}  # both files convert to this inferred variant
+    repo = "hf:TencentARC/Open-MAGVIT2-Tokenizer-262144-Pretrain"
+    pre = published_for({**base, "source": f"{repo}/pretrain256_262144.ckpt"})
+    assert [p.rfid for p in pre] == [1.67]
+    main = published_for({**base, "source": "hf:TencentARC/Open-MAGVIT2-Tokenizer-256-resolution/imagenet_256_L.ckpt"})
+    assert [p.rfid for p in main] == [1.17]
+    assert [p.rfid for p in published_for({**base, "source": "/data/last.ckpt"})] == [1.17]  # no name: the variant
+    assert published_for({**base, "source": "imagenet_256_L.ckpt"}, resolution=128) == []
+    assert published_for(None) == [] and published_for({}) == []

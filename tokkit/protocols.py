@@ -313,6 +313,25 @@ def find_published(peer: str | None, variant: str | None, resolution: int | None
     ]
 
 
+def published_for(provenance: dict[str, Any] | None, resolution: int | None = None) -> list[Published]:
+    """The published rFIDs of a converted checkpoint, from its ``extra["provenance"]``.
+
+    The source file's name is tried before the converter's ``variant``: checkpoints with the same shapes get the
+    same inferred variant (Open-MAGVIT2's ``pretrain256_262144.ckpt`` and ``imagenet_256_L.ckpt``), while the file
+    name tells them apart.
+    """
+    if not provenance:
+        return []
+    peer = provenance.get("peer")
+    source = str(provenance.get("source") or "")
+    stem = source.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    for key in (stem, provenance.get("variant")):
+        found = find_published(peer, key, resolution) if key else []
+        if found or (key and find_published(peer, key)):
+            return found
+    return []
+
+
 def published_rfid(protocol: str, variant: str, peer: str | None = None, resolution: int | None = None) -> list[
     Published
 ]:
@@ -329,6 +348,7 @@ __all__ = [
     "Protocol",
     "Published",
     "find_published",
+    "published_for",
     "get_protocol",
     "published_rfid",
 ]

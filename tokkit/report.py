@@ -21,7 +21,7 @@ import numpy as np
 from tokkit.bench_types import BenchResult, CheckpointResult
 from tokkit.checkpoint import atomic_path
 from tokkit.errors import OutputError
-from tokkit.protocols import Published, find_published
+from tokkit.protocols import Published, published_for
 
 HEADERS = [
     "checkpoint",
@@ -53,18 +53,16 @@ def comparable_published(r: CheckpointResult) -> list[Published]:
     Read from the checkpoint's provenance (``peer``, ``variant``, written by ``tokkit convert``); none for a
     checkpoint without it, and none when the FID reference was an external ``--ref-stats`` file.
     """
-    prov = r.tokenizer.get("provenance") or {}
     if r.protocol.get("reference_external"):
         return []
-    found = find_published(prov.get("peer"), prov.get("variant"), r.tokenizer.get("resolution"))
+    found = published_for(r.tokenizer.get("provenance"), r.tokenizer.get("resolution"))
     return [p for p in found if p.protocol == r.protocol.get("name")]
 
 
 def other_published(r: CheckpointResult) -> list[Published]:
     """The peer's published rFIDs for this checkpoint that were measured some other way (not comparable)."""
-    prov = r.tokenizer.get("provenance") or {}
     same = comparable_published(r)
-    return [p for p in find_published(prov.get("peer"), prov.get("variant")) if p not in same]
+    return [p for p in published_for(r.tokenizer.get("provenance")) if p not in same]
 
 
 def _paper_cell(r: CheckpointResult) -> str:
