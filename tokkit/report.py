@@ -372,7 +372,7 @@ def plot_rate_distortion(plt: Any, results: list[CheckpointResult]) -> Any:
             for x, y, name in pts:
                 ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.text(0.5, 0.95, "not measured", ha="center", va="top", transform=ax.transAxes, color="gray")
         if key == "rfid":
             paper = [(r.tokenizer["bits_per_pixel"], p.rfid) for r in ordered for p in comparable_published(r)]
             if paper:
