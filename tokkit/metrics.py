@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -475,3 +476,126 @@ def make_placeholder_weights(name: str, folder: str | Path, seed: int = 0) -> Pa
     entries[spec.filename] = sha256_file(path)
     manifest.write_text(json.dumps(entries, indent=2) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reference statistics files (--ref-stats)
+
+REF_STATS_FORMAT = "tokkit-ref-stats/1"
+FID_FEATURES = 2048
+
+
+@dataclass
+class RefStats:
+    """FID reference statistics: mean (F,) and covariance (F, F) of the Inception features, float64.
+
+    Attributes:
+        mu: feature mean (F,).
+        sigma: feature covariance (F, F), the unbiased (n - 1) estimate.
+        num_images: images they were computed from (None when a foreign file does not say).
+        meta: what a tokkit-written file records (format, protocol, resolution, data fingerprint, weights ...);
+            empty for a foreign file (pytorch-fid / torch-fidelity / ADM / MaskBit ``.npz``).
+    """
+
+    mu: Tensor
+    sigma: Tensor
+    num_images: int | None
+    meta: dict[str, Any]
+
+    def fid_state(self) -> dict[str, Tensor]:
+        """The running sums torchmetrics' FID keeps for its real images, equivalent to (mu, sigma).
+
+        With n images, ``sum = n mu`` and ``cov_sum = (n - 1) sigma + n mu mu^T``, which its ``compute`` turns back
+        into exactly (mu, sigma); a foreign file's unknown n is taken as 2 (any n gives the same mu and sigma).
+        """
+        n = self.num_images if self.num_images and self.num_images >= 2 else 2
+        mu = self.mu.double()
+        return {
+            "real_features_sum": mu * n,
+            "real_features_cov_sum": self.sigma.double() * (n - 1) + n * torch.outer(mu, mu),
+            "real_features_num_samples": torch.tensor(n, dtype=torch.long),
+        }
+
+    @staticmethod
+    def from_fid_state(state: dict[str, Tensor], meta: dict[str, Any]) -> RefStats:
+        """(mu, sigma) of torchmetrics' real-image running sums."""
+        n = int(state["real_features_num_samples"])
+        mu = state["real_features_sum"].double().cpu() / n
+        sigma = (state["real_features_cov_sum"].double().cpu() - n * torch.outer(mu, mu)) / (n - 1)
+        return RefStats(mu, sigma, n, meta)
+
+
+def read_ref_stats(path: str | Path) -> RefStats:
+    """Read FID reference statistics from an ``.npz``: tokkit's own, or a foreign one with ``mu`` and ``sigma``.
+
+    pytorch-fid (``--save-stats``), torch-fidelity's cache, ADM's reference batches
+    (``VIRTUAL_imagenet256_labeled.npz``;
+    their ``mu_s`` / ``sigma_s`` are the spatial sFID features and are not used) and MaskBit's
+    ``train_imagenet256_stats.npz`` all store the 2048 pool3 features' ``mu`` (F,) and ``sigma`` (F, F).
+
+    Raises:
+        ConfigError: unreadable, not an npz, no ``mu`` / ``sigma``, wrong shapes or non-finite values (one line).
+    """
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            keys = set(z.files)
+            if not {"mu", "sigma"} <= keys:
+                found = ", ".join(sorted(keys)) or "none"
+                raise ConfigError(
+                    f"--ref-stats {p} has no 'mu' and 'sigma' arrays (found: {found}): give an .npz of FID statistics "
+                    "(pytorch-fid / ADM / MaskBit) or a path where tokkit may write one"
+                )
+            mu, sigma = np.asarray(z["mu"]), np.asarray(z["sigma"])
+            meta = json.loads(str(z["meta"])) if "meta" in keys else {}
+    except ConfigError:
+        raise
+    except Exception as e:  # zip / pickle / json errors: a corrupt or foreign file
+        raise ConfigError(
+            f"--ref-stats {p} cannot be read as an .npz ({type(e).__name__}): delete it to recompute, or give "
+            "another file"
+        ) from None
+    if mu.shape != (FID_FEATURES,) or sigma.shape != (FID_FEATURES, FID_FEATURES):
+        raise ConfigError(
+            f"--ref-stats {p} holds mu {mu.shape} and sigma {sigma.shape}, expected ({FID_FEATURES},) and "
+            f"({FID_FEATURES}, {FID_FEATURES}) (2048 Inception pool3 features): give statistics of those features"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ConfigError(f"--ref-stats {p} holds non-finite values: delete it to recompute, or give another file")
+    n = meta.get("num_images") if isinstance(meta, dict) else None
+    return RefStats(
+        torch.from_numpy(mu.astype(np.float64)),
+        torch.from_numpy(sigma.astype(np.float64)),
+        int(n) if isinstance(n, int) else None,
+        meta if isinstance(meta, dict) else {},
+    )
+
+
+def write_ref_stats(path: str | Path, stats: RefStats) -> Path:
+    """Write ``stats`` to ``path`` (.npz: ``mu``, ``sigma`` float64 and a JSON ``meta``) atomically.
+
+    The file is also readable by pytorch-fid / ADM-style tools (they read ``mu`` and ``sigma``).
+
+    Raises:
+        OutputError: the file could not be written (one line).
+    """
+    from tokkit.checkpoint import atomic_path
+    from tokkit.errors import OutputError
+
+    p = Path(path)
+    meta = {"format": REF_STATS_FORMAT, "num_images": stats.num_images, **stats.meta}
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(p) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                mu=stats.mu.double().cpu().numpy(),
+                sigma=stats.sigma.double().cpu().numpy(),
+                meta=np.array(json.dumps(meta, sort_keys=True)),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise OutputError(f"cannot write --ref-stats {p}: {reason}; choose another path") from None
+    return p

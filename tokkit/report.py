@@ -21,6 +21,7 @@ import numpy as np
 from tokkit.bench_types import BenchResult, CheckpointResult
 from tokkit.checkpoint import atomic_path
 from tokkit.errors import OutputError
+from tokkit.protocols import Published, published_for
 
 HEADERS = [
     "checkpoint",
@@ -46,8 +47,35 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def comparable_published(r: CheckpointResult) -> list[Published]:
+    """The peer's published rFIDs measured the way ``r`` was: same protocol, resolution and reference.
+
+    Read from the checkpoint's provenance (``peer``, ``variant``, written by ``tokkit convert``); none for a
+    checkpoint without it, and none when the FID reference was an external ``--ref-stats`` file.
+    """
+    if r.protocol.get("reference_external"):
+        return []
+    found = published_for(r.tokenizer.get("provenance"), r.tokenizer.get("resolution"))
+    return [p for p in found if p.protocol == r.protocol.get("name")]
+
+
+def other_published(r: CheckpointResult) -> list[Published]:
+    """The peer's published rFIDs for this checkpoint that were measured some other way (not comparable)."""
+    same = comparable_published(r)
+    return [p for p in published_for(r.tokenizer.get("provenance")) if p not in same]
+
+
+def _paper_cell(r: CheckpointResult) -> str:
+    found = comparable_published(r)
+    return " / ".join(f"{p.rfid:.2f}" for p in found) if found else "-"
+
+
 def summary_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
-    """The table a person reads first: one row per checkpoint, "n/a" where a metric is unavailable or not asked."""
+    """The table a person reads first: one row per checkpoint, "n/a" where a metric is unavailable or not asked.
+
+    A "paper rFID" column is added when a checkpoint's peer published an rFID under the protocol used here.
+    """
+    with_paper = any(comparable_published(r) for r in result.results)
     rows = []
     for r in result.results:
         t, m, u = r.tokenizer, r.metrics, r.usage
@@ -66,8 +94,9 @@ def summary_rows(result: BenchResult) -> tuple[list[str], list[list[str]]]:
                 _fmt(u.get("usage", None) and 100 * u["usage"], ".1f") + ("%" if "usage" in u else ""),
                 _fmt(u.get("perplexity"), ".1f"),
             ]
+            + ([_paper_cell(r)] if with_paper else [])
         )
-    return HEADERS, rows
+    return HEADERS + (["paper rFID"] if with_paper else []), rows
 
 
 def notes(result: BenchResult) -> list[str]:
@@ -86,6 +115,14 @@ def notes(result: BenchResult) -> list[str]:
                 f"{w['file']} is not the official file (sha256 {w['sha256'][:12]}...): its numbers are not comparable"
             )
             if not w["official"] and line not in seen:
+                seen.append(line)
+        for p in other_published(r):
+            how = f"protocol {p.protocol}" if p.protocol else "the paper's own pipeline"
+            line = (
+                f"{r.name}: the published rFID {p.rfid:.2f} ({p.where}) was measured under {how} at {p.resolution} px, "
+                f"not this run's ({r.protocol.get('name')}, {r.tokenizer.get('resolution')} px): not comparable"
+            )
+            if line not in seen:
                 seen.append(line)
     return seen
 
@@ -119,6 +156,9 @@ def write_outputs(result: BenchResult, out: Path) -> None:
     with_counts = [r for r in result.results if r.code_counts is not None and r.code_counts.size]
     if with_counts:
         result.files["code_frequency"] = _save(plt, plot_code_frequency(plt, with_counts), out / "code_frequency.png")
+    if len(result.results) >= 2:
+        rd = plot_rate_distortion(plt, result.results)
+        result.files["rate_distortion"] = _save(plt, rd, out / "rate_distortion.png")
     result.files["results"] = str(out / "results.json")
     result.files["report"] = str(out / "report.md")
     _write_atomic(out / "report.md", lambda f: f.write(markdown(result, out).encode()))
@@ -170,13 +210,62 @@ def markdown(result: BenchResult, out: Path | None = None) -> str:
     if notes(result):
         lines.append("")
     lines += [
-        "rFID here compares reconstructions with their own inputs at the tokenizer's resolution; it is not the "
-        "FD-C10 / FD-TIN yardstick of `shared/tools/fdnet.py`, nor a generation FID.",
+        "rFID here compares reconstructions with the protocol's reference (by default their own inputs); it is not "
+        "the FD-C10 / FD-TIN yardstick of `shared/tools/fdnet.py`, nor a generation FID.",
         "",
     ]
+    lines += protocol_markdown(env.get("protocol"), result)
+    if len(result.results) >= 2:
+        lines += rate_distortion_markdown(result)
     for r in result.results:
         lines += _markdown_one(r, out)
     return "\n".join(lines) + "\n"
+
+
+def protocol_markdown(proto: dict[str, Any] | None, result: BenchResult) -> list[str]:
+    """The protocol, recorded in full (``Protocol.to_dict``), and where this run departs from the paper's."""
+    if not proto:
+        return []
+    lines = [f"## Protocol `{proto['name']}`", "", proto["description"], ""]
+    res = proto["resolution"]
+    lines += [
+        f"- resolution: {res if res else 'the tokenizer' + chr(39) + 's own'}",
+        f"- resize + crop: {proto['resize_description']}",
+        f"- image set in the paper: {proto['dataset']}"
+        + (f", {proto['num_images']} images" if proto["num_images"] else ""),
+        f"- to uint8: {proto['to_uint8']}",
+        f"- FID reference: {proto['reference']}",
+        f"- Inception: {proto['inception']}",
+        f"- read from: {proto['source']}",
+    ]
+    lines += [f"- deviation: {d}" for d in proto["deviations"]]
+    for r in result.results:
+        if proto["num_images"] and r.protocol["num_images"] != proto["num_images"]:
+            lines.append(
+                f"- {r.name}: {r.protocol['num_images']} images measured, the paper uses {proto['num_images']}: "
+                "rFID depends on the count, so compare with the paper only at the same count"
+            )
+            break
+    for r in result.results:
+        if r.protocol.get("resolution_note"):
+            lines.append(f"- {r.name}: {r.protocol['resolution_note']}")
+    if result.environment.get("ref_stats"):
+        lines.append(f"- --ref-stats: `{result.environment['ref_stats']}`")
+    return lines + [""]
+
+
+def rate_distortion_markdown(result: BenchResult) -> list[str]:
+    """One table over the checkpoints, sorted by bits per pixel, with the peers' published rFIDs where comparable."""
+    lines = ["## Rate-distortion", "", "| checkpoint | bpp | rFID | paper rFID | PSNR | LPIPS |", "|---" * 6 + "|"]
+    for r in sorted(result.results, key=lambda r: r.tokenizer["bits_per_pixel"]):
+        m = r.metrics
+        lines.append(
+            f"| {r.name} | {_fmt(r.tokenizer['bits_per_pixel'], '.4f')} | {_fmt(m.get('rfid'), '.2f')} | "
+            f"{_paper_cell(r)} | {_fmt(m.get('psnr'), '.2f')} | {_fmt(m.get('lpips'), '.4f')} |"
+        )
+    if "rate_distortion" in result.files:
+        lines += ["", "![rate_distortion](rate_distortion.png)"]
+    return lines + [""]
 
 
 def _markdown_one(r: CheckpointResult, out: Path | None) -> list[str]:
@@ -188,8 +277,11 @@ def _markdown_one(r: CheckpointResult, out: Path | None) -> list[str]:
         + (f" ({len(p['unreadable_images'])} unreadable)" if p["unreadable_images"] else "")
         + (f"; {p['upscaled_images']} smaller than {p['resolution']} px were upscaled" if p["upscaled_images"] else "")
     ]
-    for key in ("selection", "preprocessing", "reference", "reconstruction", "psnr_ssim", "rfid", "lpips"):
-        lines.append(f"- {key}: {p[key]}")
+    for key in ("name", "selection", "preprocessing", "reference", "reconstruction", "psnr_ssim", "rfid", "lpips"):
+        if key in p:
+            lines.append(f"- {key}: {p[key]}")
+    if p.get("processes", 1) > 1:
+        lines.append(f"- processes: {p['processes']} (images split over torchrun ranks, sums all-reduced)")
     for w in p["weights"]:
         lines.append(
             f"- weights {w['name']}: `{w['file']}` sha256 `{w['sha256']}`"
@@ -264,6 +356,33 @@ def plot_reconstructions(plt: Any, r: CheckpointResult) -> Any:
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01, label="|error| (0-255)")
     m = r.metrics
     fig.suptitle(f"{r.name}: PSNR {_fmt(m.get('psnr'), '.2f')} dB, SSIM {_fmt(m.get('ssim'), '.3f')}", fontsize=11)
+    return fig
+
+
+def plot_rate_distortion(plt: Any, results: list[CheckpointResult]) -> Any:
+    """Bits per pixel (x) against rFID, PSNR and LPIPS, one panel each; published rFIDs as hollow markers."""
+    panels = [("rfid", "rFID (lower is better)"), ("psnr", "PSNR dB (higher is better)"), ("lpips", "LPIPS (lower)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    ordered = sorted(results, key=lambda r: r.tokenizer["bits_per_pixel"])
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        pts = [(r.tokenizer["bits_per_pixel"], r.metrics.get(key), r.name) for r in ordered]
+        pts = [p for p in pts if p[1] is not None and not (isinstance(p[1], float) and math.isnan(p[1]))]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=1.2, label="measured")
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        else:
+            ax.text(0.5, 0.95, "not measured", ha="center", va="top", transform=ax.transAxes, color="gray")
+        if key == "rfid":
+            paper = [(r.tokenizer["bits_per_pixel"], p.rfid) for r in ordered for p in comparable_published(r)]
+            if paper:
+                ax.plot([p[0] for p in paper], [p[1] for p in paper], "s", mfc="none", label="published")
+            if pts or paper:
+                ax.legend(fontsize=7)
+        ax.set_xlabel("bits per pixel")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("Rate-distortion", fontsize=11)
     return fig
 
 

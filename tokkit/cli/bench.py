@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,11 @@ from tokkit.cli.common import (
     BatchSizeOpt,
     DeviceOpt,
     JsonOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
     NumImagesOpt,
     QuietOpt,
     RichReporter,
@@ -20,6 +26,7 @@ from tokkit.cli.common import (
     cap_workers,
     err_console,
     handle_errors,
+    launch,
     library_default,
 )
 from tokkit.cli.output import emit_json, emit_table
@@ -27,6 +34,14 @@ from tokkit.cli.output import emit_json, emit_table
 # tokkit.bench.METRICS and tokkit.metrics.LPIPS_NETS, here without loading torch (a test keeps them equal)
 METRICS = ("rfid", "lpips", "psnr", "ssim", "usage")
 LPIPS_NETS = ("alex", "vgg")
+# tokkit.protocols.PROTOCOLS' names, here without loading torch (a test keeps them equal)
+PROTOCOLS = ("tokkit", "llamagen", "maskbit", "open-magvit2", "titok")
+
+
+def _protocol_option(value: str) -> str:
+    if value not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {value!r}; choose one of: {', '.join(PROTOCOLS)}")
+    return value
 
 
 def _metrics_option(value: str) -> str:
@@ -62,6 +77,23 @@ def bench(
         Path,
         typer.Option("--out", "-o", callback=checks.out_option, help="Folder for results.json, report.md and PNGs."),
     ] = Path(".bench_out"),
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            "-p",
+            callback=_protocol_option,
+            help="Evaluation protocol: " + ", ".join(PROTOCOLS) + " (resize/crop, resolution, reference; see README).",
+        ),
+    ] = "tokkit",
+    ref_stats: Annotated[
+        Path | None,
+        typer.Option(
+            "--ref-stats",
+            help="FID reference statistics .npz: read when it exists (tokkit's, or mu/sigma from pytorch-fid / ADM / "
+            "MaskBit), else written from the reference images.",
+        ),
+    ] = None,
     num_images: NumImagesOpt = None,
     metrics: Annotated[
         str,
@@ -76,6 +108,11 @@ def bench(
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
+    nproc_per_node: NprocOpt = 1,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -87,11 +124,25 @@ def bench(
     from tokkit.bench import bench as run_bench
     from tokkit.report import notes, summary_rows
 
-    reporter = _Reporter(enabled=not quiet)
+    if nproc_per_node > 1 or (nnodes, node_rank, master_addr, master_port) != (1, 0, None, None):
+        args = [
+            "bench", *map(str, checkpoints), "--data", str(data), "--out", str(out), "--protocol", protocol,
+            *(["--ref-stats", str(ref_stats)] if ref_stats is not None else []),
+            *(["--num-images", str(num_images)] if num_images is not None else []), "--metrics", metrics,
+            *(["--weights-dir", str(weights_dir)] if weights_dir is not None else []), "--lpips-net", lpips_net,
+            "--device", device, *(["--batch-size", str(batch_size)] if batch_size else []),
+            *(["--workers", str(workers)] if workers is not None else []), *(["--quiet"] if quiet else []),
+            *(["--json"] if json_out else []),
+        ]  # fmt: skip
+        launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 draws and prints
+    reporter = _Reporter(enabled=main and not quiet)
     result = run_bench(
         checkpoints,
         data,
         out=out,
+        protocol=protocol,
+        ref_stats=ref_stats,
         num_images=num_images,
         batch_size=batch_size or library_default(run_bench, "batch_size"),
         metrics=[m.strip() for m in metrics.split(",") if m.strip()],
@@ -101,6 +152,8 @@ def bench(
         workers=cap_workers(library_default(run_bench, "workers") if workers is None else workers),
         reporter=reporter,
     )
+    if not main:
+        return
     for line in notes(result):
         if line in reporter.said:  # already printed when it happened
             continue
