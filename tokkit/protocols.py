@@ -288,6 +288,11 @@ PUBLISHED: tuple[Published, ...] = (
     Published("maskbit", "maskbit_tokenizer_18bit", 1.16, 256, "maskbit", "MaskBit README (17 bits live)"),
     Published("maskbit", "vqgan_plus_10bit", 1.67, 256, "maskbit", "MaskBit README, VQGAN+ (10 bits, from the paper)"),
     Published("maskbit", "vqgan_plus_12bit", 1.39, 256, "maskbit", "MaskBit README, VQGAN+ (12 bits)"),
+    # IBQ (SEED-Voken, evaluated with Open-MAGVIT2's evaluation_image.py): tokkit.peers.ibq variants
+    Published("ibq", "imagenet_256_1024", 2.24, 256, "open-magvit2", "IBQ README / paper (1024 codes)"),
+    Published("ibq", "imagenet_256_8192", 1.87, 256, "open-magvit2", "IBQ README / paper (8192 codes)"),
+    Published("ibq", "imagenet_256_16384", 1.37, 256, "open-magvit2", "IBQ README / paper (16384 codes)"),
+    Published("ibq", "imagenet_256_262144", 1.00, 256, "open-magvit2", "IBQ README / paper (262144 codes)"),
     # TiTok (no tokkit converter: 1D tokenizers): listed for the titok protocol's reference rows
     Published("titok", "tokenizer_titok_l32_imagenet", 2.21, 256, "titok", "TiTok README"),
     Published("titok", "tokenizer_titok_b64_imagenet", 1.70, 256, "titok", "TiTok README"),
