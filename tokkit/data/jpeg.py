@@ -5,7 +5,11 @@
   is still >= the target side (the resolution; ``tencrop``: resolution * 8/7), so a source below 2x the target is
   decoded in full. The crop box is the full image's divided by the scale (the same region of the scene), then the
   same pinned bicubic antialiased resize. About 2x faster for a 500x375 photo to 32 px (entropy decoding remains).
-- ``auto`` (the default): ``reduced``. A shard set begun before ``--decode`` existed resumes with ``full``.
+- ``auto`` (the default): ``reduced`` keeping a 2x margin (the decoded shorter side stays >= 2x the target), so the
+  pinned antialiased resize still does the last 2x or more. Measured on 100 ImageNet photos at 32 px: crops at
+  50 dB median PSNR from ``full`` and ~90% equal tokens (random tokenizers), against 41 dB and ~72-77% for
+  ``reduced``; 2.1x (``auto``) and 2.4x (``reduced``) the decode speed of ``full``. A shard set begun before
+  ``--decode`` existed resumes with ``full``.
 - ``gpu``: DataLoader workers read the files and leave baseline RGB / gray JPEGs undecoded; the main process
   decodes each batch with nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``), applies the EXIF orientation and
   resizes + crops on the GPU with ``resize_box``, which reproduces Pillow's bicubic antialiased resampling exactly
@@ -39,19 +43,18 @@ _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point weights for 8-bit images (R
 
 
 def resolve_decode(mode: str, device: torch.device) -> str:
-    """``--decode`` -> the mode used (``auto`` -> ``reduced``); ``gpu`` without CUDA is refused in one line."""
+    """Check ``--decode`` against the device: ``gpu`` without CUDA is refused in one line."""
     if mode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {mode!r}: use one of {', '.join(DECODE_MODES)}")
-    if mode == "auto":
-        return "reduced"
     if mode == "gpu" and (device.type != "cuda" or not torch.cuda.is_available()):
         raise ConfigError(f"--decode gpu needs a CUDA device (running on {device.type}): use --decode reduced or full")
     return mode
 
 
-def reduce_target(resolution: int, views: str) -> int:
-    """The shorter side a JPEG may be reduced to: the resolution, or the ten-crop's larger resize."""
-    return math.ceil(resolution * TENCROP_SCALE) if views == "tencrop" else int(resolution)
+def reduce_target(resolution: int, views: str, margin: int = 1) -> int:
+    """The shorter side a JPEG may be reduced to: ``margin`` x the resolution (or the ten-crop's larger resize)."""
+    side = math.ceil(resolution * TENCROP_SCALE) if views == "tencrop" else int(resolution)
+    return side * margin
 
 
 def decode_record(mode: str) -> dict[str, str]:
@@ -61,9 +64,10 @@ def decode_record(mode: str) -> dict[str, str]:
     pil = f"Pillow {Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo') or 'unknown'})"
     if mode == "full":
         return {"mode": "full", "decoder": pil, "scale": "full size"}
-    if mode == "reduced":
-        return {"mode": "reduced", "decoder": pil, "scale": "JPEG: largest libjpeg DCT scale (1/2, 1/4, 1/8) whose "
-                "shorter side >= the target side; crop box = full image's / scale"}  # fmt: skip
+    if mode in ("reduced", "auto"):
+        side = "the target side" if mode == "reduced" else "2x the target side"
+        return {"mode": mode, "decoder": pil, "scale": "JPEG: largest libjpeg DCT scale (1/2, 1/4, 1/8) whose "
+                f"shorter side >= {side}; crop box = full image's / scale"}  # fmt: skip
     if mode == "gpu":
         import torchvision
 
@@ -73,11 +77,18 @@ def decode_record(mode: str) -> dict[str, str]:
 
 
 class ReducedDataset(ImageDataset):
-    """``ImageDataset`` whose JPEGs decode at a reduced DCT scale (``reduced_decode``); other files as before."""
+    """``ImageDataset`` whose JPEGs decode at a reduced DCT scale (``reduced_decode``); other files as before.
 
-    def __init__(self, source: ImageSource, resolution: int, views: str = "none") -> None:
+    Args:
+        source: where the images come from.
+        resolution: output side in pixels.
+        views: encode views.
+        margin: the decoded shorter side stays >= ``margin`` x the target (``auto``: 2, ``reduced``: 1).
+    """
+
+    def __init__(self, source: ImageSource, resolution: int, views: str = "none", margin: int = 1) -> None:
         super().__init__(source, resolution, views=views)
-        self.target = reduce_target(resolution, views)
+        self.target = reduce_target(resolution, views, margin)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         with reduced_decode(self.target):
