@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,12 @@ class DeferredJpegDataset(ImageDataset):
             return {"error": e.reason, "index": int(i)}
         label = int(self.source.labels[i])
         data = img.info.get(JPEG_BYTES_INFO)
+        if data is not None and not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # truncated: the CPU decoder says so
+            try:
+                img = decode_image(data, self.source.keys[i])
+            except BadImage as e:
+                return {"error": e.reason, "index": int(i)}
+            data = None
         if data is not None:
             orientation = _orientation(img)
             w, h = img.size if orientation < 5 else img.size[::-1]
@@ -183,16 +190,18 @@ def _device_decode(datas: list[Tensor], device: torch.device) -> list[Tensor | N
     """nvjpeg: encoded JPEG bytes -> uint8 (3, H, W) on ``device``, batched; None where the decoder refuses one."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
-        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # one bad file fails the whole batch: retry one at a time
-        out: list[Tensor | None] = []
-        for d in datas:
-            try:
-                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec (still there)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:  # one bad file fails the whole batch: retry one at a time
+            out: list[Tensor | None] = []
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
 
 
 # ---- orientation and Pillow-exact resampling, on any device -------------------------------------------------------
