@@ -285,3 +285,19 @@ def test_gpu_encode_end_to_end_with_bad_files(tmp_path: Path) -> None:
     errors = (tmp_path / "gpu" / "errors.jsonl").read_text()
     assert "truncated.jpg" in errors
     assert np.mean(all_codes(tmp_path / "full") == all_codes(tmp_path / "gpu")) >= 0.5  # nvjpeg: a few levels off
+
+
+def test_encode_images_reads_jpegs_as_tokkit_encode_does(tmp_path: Path) -> None:
+    from tokkit.encode import encode_dataset
+    from tokkit.models.tokenizer import load
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ck")
+    data = photo_folder(tmp_path / "photos", size=(320, 240))  # 240 >= 4x16: auto decodes at 1/2, reduced at 1/8
+    tok = load(ckpt, device="cpu")
+    files = sorted(p for p in data.rglob("*") if p.is_file() and p.name != "truncated.jpg")
+    for mode in ("auto", "reduced", "full"):
+        encode_dataset(ckpt, data, tmp_path / mode, shard_size=4, batch_size=3, workers=0, device="cpu", decode=mode)
+        ids = tok.encode_images([str(f) for f in files], decode=mode).numpy()
+        np.testing.assert_array_equal(ids, all_codes(tmp_path / mode), err_msg=mode)
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        tok.encode_images([str(files[0])], decode="gpu")
