@@ -223,6 +223,7 @@ def test_deferred_batches_decode_merge_in_order_and_fall_back(tmp_path: Path, vi
     good = [i for i, it in enumerate(items) if "error" not in it and i != 0]
     assert batch["indices"].tolist() == good
     assert [e[0] for e in batch["errors"]] == sorted([0, source.keys.index("b/truncated.jpg")])
+    assert batch["fallback"] == 1  # the corrupt one: refused by the "device" decoder, then named by PIL
     want = tuple([len(good), 3, 32, 32] if views == "none" else [len(good), 2 if views == "flip" else 10, 3, 32, 32])
     assert tuple(batch["images"].shape) == want and batch["images"].dtype == torch.uint8
     for row, i in enumerate(good):  # every image equals the CPU path's (same libjpeg-turbo, Pillow-exact resize)
@@ -261,7 +262,7 @@ def test_gpu_decode_matches_the_cpu_path_on_real_photos(tmp_path: Path) -> None:
     items = [{"jpeg": torch.frombuffer(bytearray(d), dtype=torch.uint8), "orientation": 1, "label": 0, "index": i,
               "upscaled": False} for i, d in enumerate(datas)]  # fmt: skip
     batch = finish_batch(collate_deferred(items), 64, "none", torch.device("cuda"), [f"p{i}" for i in range(32)])
-    assert batch["images"].device.type == "cuda" and not batch["errors"]
+    assert batch["images"].device.type == "cuda" and not batch["errors"] and batch["fallback"] == 0
     ref = np.stack([center_crop_resize(decode_image(d), 64) for d in datas])
     got = batch["images"].permute(0, 2, 3, 1).cpu().numpy()
     p = psnr(ref, got)

@@ -155,10 +155,11 @@ def collate_deferred(batch: list[dict[str, Any]]) -> dict[str, Any]:
 def finish_batch(batch: dict[str, Any], resolution: int, views: str, device: torch.device, keys: list[str]) -> dict:
     """Decode a ``collate_deferred`` batch's JPEGs on ``device`` and merge them with its decoded images, in index
     order. A JPEG the device decoder refuses is decoded on the CPU; one that is unreadable there too joins
-    ``errors``. Returns a ``collate_skip_bad`` batch (``images`` on ``device``)."""
+    ``errors``. Returns a ``collate_skip_bad`` batch (``images`` on ``device``) plus ``fallback``: the JPEGs that
+    the device decoder refused."""
     jpegs = batch.pop("jpegs", [])
     if not jpegs:
-        return batch
+        return {**batch, "fallback": 0}
     rows: list[tuple[int, int, Tensor]] = [
         (int(i), int(lab), img.to(device, non_blocking=True))
         for i, lab, img in zip(batch["indices"].tolist(), batch["labels"].tolist(), batch["images"], strict=True)
@@ -183,7 +184,8 @@ def finish_batch(batch: dict[str, Any], resolution: int, views: str, device: tor
     shape = (0, 3, 0, 0) if views == "none" else (0, 0, 3, 0, 0)
     images = torch.stack([r[2] for r in rows]) if rows else torch.empty(shape, dtype=torch.uint8, device=device)
     return {**batch, "images": images, "labels": torch.tensor([r[1] for r in rows], dtype=torch.int64),
-            "indices": torch.tensor([r[0] for r in rows], dtype=torch.int64), "errors": sorted(errors)}  # fmt: skip
+            "indices": torch.tensor([r[0] for r in rows], dtype=torch.int64), "errors": sorted(errors),
+            "fallback": sum(img is None for img in decoded)}  # fmt: skip
 
 
 def _device_decode(datas: list[Tensor], device: torch.device) -> list[Tensor | None]:
