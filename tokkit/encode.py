@@ -2,7 +2,8 @@
 
 The pipeline, so that reading, decoding, resizing, writing and hashing hide behind inference:
 
-- DataLoader workers read and decode images in parallel (``ImageDataset``) and hand uint8 batches over (pinned on
+- DataLoader workers read and decode images in parallel (``ImageDataset``; JPEGs at a reduced DCT scale by default,
+  or left for a batched nvjpeg decode on the GPU: ``tokkit.data.jpeg``) and hand uint8 batches over (pinned on
   GPU); unreadable inputs come back as errors, never as exceptions;
 - the main thread runs ``tokenizer.encode`` (``eval()`` + ``inference_mode``, bf16 autocast on GPU);
 - a background thread serializes, hashes and atomically writes each finished shard and its commit marker.
@@ -34,6 +35,15 @@ from torch.utils.data import DataLoader
 
 from tokkit.data import ImageDataset, ImageSource, collate_skip_bad, open_source
 from tokkit.data.images import BACKGROUND
+from tokkit.data.jpeg import (
+    DECODE_MODES,
+    DeferredJpegDataset,
+    ReducedDataset,
+    collate_deferred,
+    decode_record,
+    finish_batch,
+    resolve_decode,
+)
 from tokkit.data.transforms import TENCROP_SCALE, VIEWS
 from tokkit.distributed import owns_process_group
 from tokkit.errors import ConfigError, DataError, ShardError
@@ -98,10 +108,14 @@ class EncodeResult:
     repaired: int = 0
 
 
-def check_options(shard_size: int, batch_size: int, workers: int, views: str, max_errors: float | int | None) -> None:
+def check_options(
+    shard_size: int, batch_size: int, workers: int, views: str, max_errors: float | int | None, decode: str = "auto"
+) -> None:
     """Range-check the numeric options up front (before any heavy work); ConfigError in one line."""
     if views not in VIEWS:
         raise ConfigError(f"unknown --views {views!r}: use one of {', '.join(VIEWS)}")
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"unknown --decode {decode!r}: use one of {', '.join(DECODE_MODES)}")
     for flag, value, low in (
         ("--shard-size", shard_size, 1),
         ("--batch-size", batch_size, 1),
@@ -145,8 +159,10 @@ def build_plan(
     views: str,
     shard_size: int,
     run: dict[str, Any] | None = None,
+    decode: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The identity of an encode: tokenizer, preprocessing, views, dtype, source list and shard size.
+    """The identity of an encode: tokenizer, preprocessing (with the JPEG decoder, ``decode``), views, dtype,
+    source list and shard size. ``decode`` None: a plan of before ``--decode`` (full decode, nothing recorded).
 
     ``run`` (checkpoint path, batch size, workers, device type, error budget) is recorded beside it, outside the
     identity, so that ``tokkit verify`` can name the exact command that repairs the set.
@@ -170,6 +186,7 @@ def build_plan(
             "color": f"EXIF orientation applied; alpha composited on RGB{BACKGROUND}; 16-bit scaled to 8-bit",
             "views": views,
             "tencrop_scale": TENCROP_SCALE if views == "tencrop" else None,
+            **({"decode": decode} if decode is not None else {}),
         },
         "views": {"name": views, "count": n_views, "axis": n_views > 1},
         "dtype": codes_dtype(int(tokenizer.codebook_size)).name,
@@ -218,6 +235,18 @@ def _keep_legacy_dtype(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     legacy = {**plan, "dtype": "int32"}
     legacy["plan_id"] = plan_id(_identity(legacy))
     return legacy if legacy["plan_id"] == old.get("plan_id") else plan
+
+
+def _legacy_decode(out: Path, requested: str) -> bool:
+    """True when ``out`` holds a plan written before ``--decode`` existed (full decode, not recorded) and the request
+    (``auto`` or ``full``) lets it resume as such."""
+    old = read_json(out / PLAN)
+    return (
+        requested in ("auto", "full")
+        and isinstance(old, dict)
+        and isinstance(old.get("preprocessing"), dict)
+        and "decode" not in old["preprocessing"]
+    )
 
 
 def prepare_out(out: Path, plan: dict[str, Any], overwrite: bool) -> str | None:
@@ -342,6 +371,7 @@ def encode_dataset(
     strict: bool = False,
     overwrite: bool = False,
     repair: bool = False,
+    decode: str = "auto",
     reporter: Reporter | None = None,
     source_options: dict[str, Any] | None = None,
 ) -> EncodeResult:
@@ -360,6 +390,10 @@ def encode_dataset(
         strict: tolerate no unreadable input.
         overwrite: replace a shard set of another plan (input list, tokenizer or settings changed).
         repair: re-hash every committed shard (not only its sizes and headers) and re-encode those that fail.
+        decode: JPEG decoding (``tokkit.data.jpeg``): ``auto`` (libjpeg DCT scaling down to 2x the resolution;
+            ``full`` for a set begun before this option), ``full``, ``reduced`` (DCT scaling down to the resolution)
+            or ``gpu`` (nvjpeg on the CUDA device, Pillow-exact resize there). Recorded in the plan: resuming with
+            another is refused.
         reporter: progress sink.
         source_options: keyword arguments of ``open_source`` for ``data`` (``image_key``, ``label_key``, ``split``,
             ``kind``); the chosen ones are recorded in the plan, so that a resume with others is refused.
@@ -379,18 +413,20 @@ def encode_dataset(
 
     t0 = time.perf_counter()
     rep = resolve(reporter)
-    check_options(shard_size, batch_size, workers, views, max_errors)
+    check_options(shard_size, batch_size, workers, views, max_errors, decode)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} is a file: choose a folder")
     info = tdist.init_distributed(device)
     rank, world, dev = info.rank, info.world_size, info.device
+    mode = "full" if _legacy_decode(out, decode) else resolve_decode(decode, dev)
     model, meta = load_with_meta(checkpoint, device=dev)  # verifies the weights' sha256 once
     source = data if isinstance(data, ImageSource) else open_source(data, **(source_options or {}))
     budget_option = 0.0 if strict else float(DEFAULT_MAX_ERRORS if max_errors is None else max_errors)
     run = {"checkpoint": str(Path(checkpoint).resolve()), "batch_size": batch_size, "workers": workers,
-           "device": dev.type, "max_errors": budget_option}  # fmt: skip
-    plan = _keep_legacy_dtype(out, build_plan(meta, model, source, views, shard_size, run))
+           "device": dev.type, "max_errors": budget_option, "decode": decode}  # fmt: skip
+    record = None if mode == "full" and _legacy_decode(out, decode) else decode_record(mode)
+    plan = _keep_legacy_dtype(out, build_plan(meta, model, source, views, shard_size, run, record))
     specs = plan_shards(len(source), shard_size)
     budget = error_budget(len(source), max_errors, strict)
 
@@ -414,13 +450,16 @@ def encode_dataset(
 
     dtype = np.dtype(plan["dtype"])
     n_views = plan["views"]["count"]
-    dataset = ImageDataset(source, model.resolution, views=views)
+    if mode in ("reduced", "auto"):
+        dataset = ReducedDataset(source, model.resolution, views=views, margin=2 if mode == "auto" else 1)
+    else:
+        dataset = (DeferredJpegDataset if mode == "gpu" else ImageDataset)(source, model.resolution, views=views)
     batches, batch_meta = _batches(pending, batch_size)
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_deferred if mode == "gpu" else collate_skip_bad,
         pin_memory=dev.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
@@ -437,6 +476,8 @@ def encode_dataset(
     try:
         with torch.inference_mode():
             for (spec, closes), batch in zip(batch_meta, loader, strict=True):
+                if mode == "gpu":  # (B[, V], 3, r, r) uint8 on the device: nvjpeg + resize there
+                    batch = finish_batch(batch, model.resolution, views, dev, source.keys)
                 images = batch["images"]
                 if len(images):
                     x = images.to(dev, non_blocking=True)

@@ -494,7 +494,7 @@ def repair_command(root: str | Path, facts: dict[str, Any]) -> str:
         views = (facts.get("views") or {}).get("name")
         for flag, value in (("--shard-size", facts.get("shard_size")), ("--views", views if views != "none" else None),
                             ("--batch-size", run.get("batch_size")), ("--workers", run.get("workers")),
-                            ("--device", run.get("device")),
+                            ("--device", run.get("device")), ("--decode", run.get("decode")),
                             ("--max-errors", run.get("max_errors"))):  # fmt: skip
             if value is not None:
                 args += [flag, str(value)]

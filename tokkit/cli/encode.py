@@ -73,6 +73,14 @@ def encode(
             "--repair", help="Re-hash every committed shard and re-encode those that fail (see tokkit verify)."
         ),
     ] = False,
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            help="JPEG decoding: auto (libjpeg DCT scaling down to 2x the resolution), full, reduced (DCT scaling "
+            "down to the resolution: fastest) or gpu (nvjpeg on the CUDA device). Recorded in the plan.",
+        ),
+    ] = "auto",
     nproc_per_node: NprocOpt = 1,
     nnodes: NnodesOpt = 1,
     node_rank: NodeRankOpt = 0,
@@ -107,6 +115,7 @@ def encode(
             *(["--workers", str(workers)] if workers is not None else []), "--views", views, "--device", device,
             "--max-errors", repr(max_errors), *(["--strict"] if strict else []),
             *(["--overwrite"] if overwrite else []), *(["--repair"] if repair else []), *(["--quiet"] if quiet else []),
+            "--decode", decode,
             *(["--json"] if json_out else []), *[a for f, v in source_flags.items() for a in (f, v)],
         ]  # fmt: skip
         launch(args, nproc_per_node, nnodes, node_rank, master_addr, master_port)
@@ -115,7 +124,7 @@ def encode(
         checkpoint, data, out, shard_size=shard_size,
         batch_size=batch_size or library_default(encode_dataset, "batch_size"),
         workers=cap_workers(library_default(encode_dataset, "workers") if workers is None else workers), views=views,
-        device=device, max_errors=max_errors, strict=strict, overwrite=overwrite, repair=repair,
+        device=device, max_errors=max_errors, strict=strict, overwrite=overwrite, repair=repair, decode=decode,
         reporter=RichReporter(enabled=main and not quiet), source_options=source_options,
     )  # fmt: skip
     if not main:

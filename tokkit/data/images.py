@@ -9,12 +9,19 @@ Every unusual file a real dataset holds is handled here, once:
 - CMYK, 16/32-bit (``I;16``, ``I``, ``F``), palette, grayscale (``1``, ``L``, ``LA``) and alpha (``RGBA``, ``PA``)
   images become 8-bit RGB. Transparent pixels are composited on **white** (the usual choice for product photos,
   icons and scanned documents, and what a browser shows on its default page).
+
+Inside ``reduced_decode(target)`` a JPEG is decoded at a reduced scale (libjpeg's DCT scaling, 1/2, 1/4 or 1/8: the
+smallest image whose shorter side is still >= ``target``); the image then carries ``info[DCT_SCALE_INFO] = (scale,
+full_width, full_height)`` so that ``center_crop_resize`` crops the same region of the scene as a full decode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -25,6 +32,24 @@ from tokkit.errors import DataError
 MAX_PIXELS = 89_478_485
 # Alpha is composited on this background.
 BACKGROUND = (255, 255, 255)
+# key of ``Image.info`` holding (DCT scale, full upright width, full upright height) of a reduced-scale decode
+DCT_SCALE_INFO = "tokkit_dct_scale"
+# key of ``Image.info`` holding the undecoded bytes of a JPEG left for the GPU (``keep_jpeg``)
+JPEG_BYTES_INFO = "tokkit_jpeg_bytes"
+# the shorter side a JPEG may be reduced to by DCT scaling (None: full decode); set by ``reduced_decode``
+_REDUCE_TO: ContextVar[int | None] = ContextVar("tokkit_reduce_to", default=None)
+_KEEP_JPEG: ContextVar[bool] = ContextVar("tokkit_keep_jpeg", default=False)
+
+
+@contextlib.contextmanager
+def reduced_decode(target: int | None) -> Iterator[None]:
+    """Within the block, ``decode_image`` decodes JPEGs at the smallest DCT scale (1, 1/2, 1/4, 1/8) whose shorter
+    side is still >= ``target`` pixels (None: full decode). Per thread / task (a ``ContextVar``)."""
+    token = _REDUCE_TO.set(None if target is None else int(target))
+    try:
+        yield
+    finally:
+        _REDUCE_TO.reset(token)
 
 
 class BadImage(DataError):
@@ -37,6 +62,17 @@ class BadImage(DataError):
 
     def __reduce__(self):  # keep (key, reason) across DataLoader worker processes
         return (BadImage, (self.key, self.reason))
+
+
+@contextlib.contextmanager
+def keep_jpeg() -> Iterator[None]:
+    """Within the block, ``decode_image`` leaves baseline RGB / gray JPEGs undecoded: it returns the opened (header
+    only) image with the file's bytes in ``info[JPEG_BYTES_INFO]``, for a batched GPU decode. Other files decode."""
+    token = _KEEP_JPEG.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_JPEG.reset(token)
 
 
 def decode_image(data: bytes, key: str = "<bytes>", max_pixels: int | None = None) -> Image.Image:
@@ -64,8 +100,16 @@ def decode_image(data: bytes, key: str = "<bytes>", max_pixels: int | None = Non
             w, h = img.size
             if w * h > limit:
                 raise BadImage(key, f"decompression bomb refused: {w}x{h} = {w * h} pixels > {limit}")
+            if _KEEP_JPEG.get() and img.format == "JPEG" and img.mode in ("RGB", "L") and len(img.tile) == 1:
+                img.info[JPEG_BYTES_INFO] = data
+                return img
+            scale = _draft(img, _REDUCE_TO.get())
             img.load()
+            reduced = img.size
             img = _upright(img)
+            if scale > 1:  # full size in the upright frame (the orientation may have swapped the axes)
+                full = (w, h) if img.size == reduced else (h, w)
+                img.info[DCT_SCALE_INFO] = (scale, *full)
             return _to_rgb(img)
     except BadImage:
         raise
@@ -79,6 +123,17 @@ def decode_image(data: bytes, key: str = "<bytes>", max_pixels: int | None = Non
         raise BadImage(key, f"{kind} image: {text}") from None
     except MemoryError:
         raise BadImage(key, "image too large to decode in memory") from None
+
+
+def _draft(img: Image.Image, target: int | None) -> int:
+    """Ask libjpeg for the smallest DCT scale whose shorter side is >= ``target``; the scale taken (1 = full)."""
+    if target is None or img.format != "JPEG" or min(img.size) < 2 * target:
+        return 1
+    w = img.size[0]
+    drafted = img.draft(img.mode, (target, target))  # scale: the largest of 8, 4, 2, 1 with w // scale >= target
+    if drafted is None:  # not a plain single-tile JPEG: full decode
+        return 1
+    return round(w / drafted[1][2])  # the box is (0, 0, w / scale, h / scale)
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from tokkit.data.images import DCT_SCALE_INFO
 from tokkit.errors import ConfigError
 
 # name -> number of views stored per image by `tokkit encode --views`
@@ -63,16 +64,27 @@ def center_crop_resize(img: Image.Image, resolution: int) -> np.ndarray:
     """Resize the shorter side to ``resolution`` (bicubic, antialiased) and take the center square.
 
     Done as one PIL resize of the centered square box, which equals resize-then-crop in continuous coordinates
-    and never materializes the large intermediate image.
+    and never materializes the large intermediate image. A JPEG decoded at a reduced DCT scale (``reduced_decode``)
+    is cropped at the box of the full image divided by the scale: the same region of the scene.
 
     Returns:
         uint8 (resolution, resolution, 3).
     """
-    w, h = img.size
+    out = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=center_box(img))
+    return np.array(out.convert("RGB"), dtype=np.uint8)
+
+
+def full_size(img: Image.Image) -> tuple[int, int, int]:
+    """(DCT scale, width, height) of the full image: ``img`` may be a reduced-scale JPEG decode (scale > 1)."""
+    return img.info.get(DCT_SCALE_INFO) or (1, *img.size)
+
+
+def center_box(img: Image.Image) -> tuple[float, float, float, float]:
+    """The centered square (left, top, right, bottom) of the full image, in ``img``'s pixel coordinates."""
+    scale, w, h = full_size(img)
     s = min(w, h)
     left, top = (w - s) / 2.0, (h - s) / 2.0
-    out = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, left + s, top + s))
-    return np.array(out.convert("RGB"), dtype=np.uint8)
+    return left / scale, top / scale, (left + s) / scale, (top + s) / scale
 
 
 def random_crop_flip(img: Image.Image, resolution: int, rng: np.random.Generator) -> np.ndarray:
@@ -112,10 +124,11 @@ def make_views(img: Image.Image, resolution: int, views: str = "none") -> np.nda
         if views == "none":
             return center[None]
         return np.stack([center, center[:, ::-1]])
-    w, h = img.size
+    dct, w, h = full_size(img)
     scale = resolution * TENCROP_SCALE / min(w, h)
     big_w, big_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    big = np.asarray(img.convert("RGB").resize((big_w, big_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+    box = (0.0, 0.0, w / dct, h / dct)  # the whole image (a reduced decode may hold a partial last block)
+    big = np.asarray(img.convert("RGB").resize((big_w, big_h), Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
     r = resolution
     cy, cx = (big_h - r) // 2, (big_w - r) // 2
     corners = [(cy, cx), (0, 0), (0, big_w - r), (big_h - r, 0), (big_h - r, big_w - r)]
@@ -125,4 +138,4 @@ def make_views(img: Image.Image, resolution: int, views: str = "none") -> np.nda
 
 def is_upscaled(img: Image.Image, resolution: int) -> bool:
     """True when the image's shorter side is below ``resolution`` (it will be upscaled)."""
-    return min(img.size) < resolution
+    return min(full_size(img)[1:]) < resolution

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tokkit.checkpoint import load_checkpoint, save_checkpoint
 from tokkit.config import TokenizerConfig
-from tokkit.data.images import BadImage, _first_line, _to_rgb, _upright, decode_image
+from tokkit.data.images import BadImage, _first_line, _to_rgb, _upright, decode_image, reduced_decode
 from tokkit.data.inputs import max_input_bytes, read_regular_file
 from tokkit.data.transforms import center_crop_resize, to_float, to_uint8
 from tokkit.errors import ConfigError
@@ -244,6 +244,7 @@ class Tokenizer(nn.Module):
         *,
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        decode: str = "auto",
     ) -> Tensor:
         """Image files, PIL images or uint8 arrays -> int64 token ids (N, h, w[, G]) on the CPU.
 
@@ -260,6 +261,8 @@ class Tokenizer(nn.Module):
             batch_size: images per forward pass.
             device: where to run; None: where the tokenizer is. Another device moves the tokenizer there
                 (``tok.to(device)``); ``auto`` picks CUDA when available.
+            decode: JPEG files as ``tokkit encode --decode`` reads them: ``auto`` (its default: libjpeg DCT scaling
+                down to 2x the resolution), ``reduced`` or ``full`` (``gpu`` sets are matched closest by ``full``).
 
         Returns:
             int64 (N, *index_shape), one row per image in order (N = 1 for a single image).
@@ -270,13 +273,18 @@ class Tokenizer(nn.Module):
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        margins = {"auto": 2, "reduced": 1, "full": None}
+        if decode not in margins:
+            raise ConfigError(f"decode must be one of {', '.join(margins)}, got {decode!r}")
         dev = self._device(device)
         items = _image_items(images)
         r = self.resolution
+        target = None if margins[decode] is None else r * margins[decode]
         out = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            pixels = np.stack([center_crop_resize(_rgb_image(x, key), r) for x, key in chunk])  # (b, r, r, 3) uint8
+            with reduced_decode(target):
+                pixels = np.stack([center_crop_resize(_rgb_image(x, key), r) for x, key in chunk])  # (b, r, r, 3)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
             with amp:
                 out.append(self.encode(to_float(torch.from_numpy(pixels).to(dev))).cpu())  # (b, *index_shape)

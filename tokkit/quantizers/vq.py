@@ -15,6 +15,10 @@ masked out of all three, so one bad batch does not poison the codebook.
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +32,22 @@ METRICS = ("l2", "cosine", "dot")  # how VQ picks the code (see VQ's docstring)
 
 
 @torch.no_grad()
+def _eager(fn: Callable) -> Callable:
+    """``torch.compiler.disable``, applied when first called: the decorator imports ``torch._dynamo`` (about 1 s, most
+    of a small ``tokkit encode``'s start-up). Without ``torch._dynamo`` imported nothing is compiling: plain call."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch._dynamo.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
 def nearest_code(z: Tensor, table: Tensor, cosine: bool, chunk: int | None = None) -> Tensor:
     """Index of the nearest row of ``table`` for every row of ``z``, in bounded memory.
 
@@ -252,7 +272,7 @@ class VQ(Quantizer):
         sums = z.new_zeros(k, z.shape[1]).index_add_(0, idx, torch.where(ok.unsqueeze(1), z, 0.0))
         return all_reduce_sum_(counts), all_reduce_sum_(sums)
 
-    @torch.compiler.disable  # a one-time eager path (at most one graph break, on the first training step)
+    @_eager  # a one-time eager path (at most one graph break, on the first training step)
     @torch.no_grad()
     def _kmeans(self, z: Tensor, ok: Tensor) -> None:
         """Initialise the codebook by k-means on the finite rows of ``z`` (N, d) (every rank's rows).
