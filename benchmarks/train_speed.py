@@ -65,7 +65,7 @@ def bare_step(tok_cfg, train_cfg, dev: torch.device, steps: int, compiled: bool)
     from tokkit.train import _build_state
     from tokkit.train_step import TrainStep, checkpoint_blocks
 
-    st = _build_state(tok_cfg, train_cfg, dev)
+    st, _ = _build_state(tok_cfg, train_cfg, dev)
     if train_cfg.grad_checkpointing:
         checkpoint_blocks(st.model)
     perceptual = build_perceptual(train_cfg.perceptual, train_cfg.lpips_net, None, dev)

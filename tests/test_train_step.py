@@ -45,9 +45,9 @@ def _steps(state: TrainState, n: int = 3) -> TrainState:
 
 def test_usage_counts_add_every_token_and_state_round_trips(tmp_path):
     torch.manual_seed(0)
-    st = _steps(_build_state(TOK, CFG, torch.device("cpu")))
+    st = _steps(_build_state(TOK, CFG, torch.device("cpu"))[0])
     assert int(st.usage_counts.sum()) == 3 * 4 * 8 * 8 and st.step == 3
-    twin = _build_state(TOK, CFG, torch.device("cpu"))
+    twin = _build_state(TOK, CFG, torch.device("cpu"))[0]
     twin.load_state_dict(st.state_dict(), rank=0, where=tmp_path)
     assert twin.step == 3 and torch.equal(twin.usage_counts, st.usage_counts)
     for a, b in zip(st.state_dict()["model"].values(), twin.state_dict()["model"].values(), strict=True):
@@ -56,9 +56,9 @@ def test_usage_counts_add_every_token_and_state_round_trips(tmp_path):
 
 def test_grad_checkpointing_gives_the_same_weights():
     torch.manual_seed(0)
-    plain = _build_state(TOK, CFG, torch.device("cpu"))
+    plain = _build_state(TOK, CFG, torch.device("cpu"))[0]
     torch.manual_seed(0)
-    ckpt = _build_state(TOK, CFG, torch.device("cpu"))
+    ckpt = _build_state(TOK, CFG, torch.device("cpu"))[0]
     assert checkpoint_blocks(ckpt.model) > 0
     keys = list(ckpt.model.state_dict())
     torch.manual_seed(5)

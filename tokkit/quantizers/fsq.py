@@ -104,8 +104,10 @@ class FSQ(Quantizer):
         d = len(levels)
         self.codebook_dim = d
 
-        lv = torch.tensor(levels, dtype=torch.int64)
-        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.int64), lv[:-1]]), 0)
+        # derived buffers computed on the CPU even under a meta-device context (where configs are checked): arithmetic
+        # on meta tensors goes through torch's decompositions, which import torch._dynamo (~1 s of every start-up)
+        lv = torch.tensor(levels, dtype=torch.int64, device="cpu")
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.int64, device="cpu"), lv[:-1]]), 0)
         half_l = (lv.double() - 1) * (1 + self.eps) / 2
         offset = (lv % 2 == 0).double() * 0.5
         # non-persistent: derived from `levels`, so checkpoints only hold learnable state
