@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> module that defines it; imported on first use so that `import tokkit` stays light
 _LAZY = {
