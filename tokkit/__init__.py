@@ -2,6 +2,8 @@
 
 Public API::
 
+    import os
+
     import torch
     from PIL import Image
 
@@ -16,7 +18,7 @@ Public API::
     ds = tokkit.open_shards("shards/")                     # token shards (tokkit encode) as a torch Dataset
     tokens, label = ds[0]                                  # (h, w) int64, class index (-1: unlabeled)
     sampler = tokkit.ShardSampler(ds, seed=0)              # resumable, rank-aware: state_dict() / load_state_dict()
-    stream = tokkit.stream_shards("s3://b/shards")         # an fsspec URL as a resumable, rank-aware IterableDataset
+    stream = tokkit.stream_shards("file://" + os.path.abspath("shards"))  # any fsspec URL (s3://...): IterableDataset
 
 ``encode_images`` preprocesses exactly as ``tokkit encode`` does, so its ids equal those in the shards.
 
