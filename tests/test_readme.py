@@ -59,6 +59,7 @@ SCALE: list[tuple[str, str | Callable[[re.Match[str]], str]]] = [
     # CIFAR only: the 256 px ImageNet model takes ~1 s per photo on a CPU, even at test size
     (r"^(python benchmarks/encode\.py.*)--which both", r"\1--which cifar"),
     (r"^(python benchmarks/encode\.py.*) --limit \d+", r"\1"),
+    (r"--synthetic \d+", "--synthetic 8"),  # benchmarks/encode.py: generated JPEGs
     (r"^(python benchmarks/encode\.py.*)$", r"\1 --limit 4 --batch-size 2"),
     (r"^(python benchmarks/quantizers\.py.*)$", r"\1 --quick --cases fsq --min-time 0.05 --rounds 1"),
     # train_speed --quick: 2 timed steps and 6 training steps of the tiny model
