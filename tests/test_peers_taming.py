@@ -162,3 +162,38 @@ def test_real_size_f16_layout_maps_every_key(n_embed):
     n_peer = sum(p.numel() for p in peer.parameters())
     n_tok = sum(p.numel() for p in tok.parameters())
     assert n_tok == n_peer  # every weight has one counterpart (the quantizer's buffers are not parameters)
+
+
+def test_train_init_from_a_taming_ckpt_keeps_its_codebook(tmp_path):
+    """`tokkit train --init-from last.ckpt` (a peer file, its yaml beside it) fine-tunes the converted model; with
+    `--freeze quantizer` the codebook is the peer's, so its token ids keep their meaning."""
+    import json
+
+    import numpy as np
+    import yaml
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from tokkit.cli.app import app
+
+    peer, params = _small_peer()
+    ckpt = tmp_path / "peer" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": _state(peer), "epoch": 1}, ckpt)
+    (tmp_path / "peer" / "last.yaml").write_text(yaml.safe_dump({"model": {"params": params}}))
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "train", "--init-from", str(ckpt), "--freeze", "quantizer", "--data", str(tmp_path / "images.npy"),
+        "--out", str(out), "--steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet", "--perceptual", "none",
+        "--set", "train.eval_images=4", "--set", "train.eval_every=0", "--set", "train.disc_weight=0",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    weights = load_file(str(out / "checkpoint" / "model.safetensors"))
+    codebook = next(v for k, v in weights.items() if k.startswith("quantizer.") and v.shape == (64, 8))
+    assert torch.equal(codebook, peer.quantize.embedding.weight.detach())  # the peer's codes, byte for byte
+    encoder_key = "encoder.conv_in.weight"
+    assert not torch.equal(weights[encoder_key], peer.encoder.conv_in.weight.detach())  # the rest was trained
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["init_from"]["source"] == str(ckpt.resolve()) and rec["freeze"] == ["quantizer"]
