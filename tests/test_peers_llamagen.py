@@ -39,6 +39,12 @@ def _small_peer(seed: int = 0, codebook_size: int = 64) -> lg.VQModel:
         rows = torch.nn.functional.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
         pick = rows[torch.randperm(len(rows))[:codebook_size]] + 0.05 * torch.randn(codebook_size, 8)
         peer.quantize.embedding.weight.copy_(pick * (0.5 + torch.rand(codebook_size, 1)))
+        # outputs at image scale (within [-1, 1], as a trained tokenizer's), so that the absolute tolerance of the
+        # equivalence checks means what it says for images: the last conv scaled (random weights give up to ~3.6)
+        probe = peer.decode(peer.encode(torch.rand(4, 3, 32, 32) * 2 - 1)[0])
+        scale = 1.0 / probe.abs().max()
+        peer.decoder.conv_out.weight.mul_(scale)
+        peer.decoder.conv_out.bias.mul_(scale)
     return peer
 
 

@@ -62,6 +62,12 @@ def _small_peer(seed: int = 0, n_embed: int = 64, embed_dim: int = 8) -> tuple[T
         z = peer.quant_conv(peer.encoder(torch.rand(4, 3, 32, 32) * 2 - 1))  # (4, E, 8, 8)
         rows = z.permute(0, 2, 3, 1).reshape(-1, embed_dim)
         peer.quantize.embedding.weight.copy_(rows[torch.randperm(len(rows))[:n_embed]] + 0.01 * torch.randn(n_embed, 1))
+        # outputs at image scale (within [-1, 1], as a trained tokenizer's), so that the absolute tolerance of the
+        # equivalence checks means what it says for images: the last conv scaled (random weights give up to ~3.6)
+        probe = peer.decode(peer.encode(torch.rand(4, 3, 32, 32) * 2 - 1)[0])
+        scale = 1.0 / probe.abs().max()
+        peer.decoder.conv_out.weight.mul_(scale)
+        peer.decoder.conv_out.bias.mul_(scale)
     params = {"ddconfig": dict(SMALL), "n_embed": n_embed, "embed_dim": embed_dim, "lossconfig": {"target": "x"}}
     return peer, params
 
