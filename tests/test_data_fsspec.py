@@ -153,3 +153,50 @@ def test_cli_accepts_urls(bucket: str, tmp_path: Path) -> None:
     from tokkit.shards import open_shards
 
     assert len(open_shards(tmp_path / "o")) == 8
+
+
+def _parquet_bytes(seeds: list[int], bad: int | None = None) -> bytes:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    images = [b"not a png" if s == bad else _png(_img(s)) for s in seeds]
+    col = pa.array([{"bytes": b, "path": None} for b in images],
+                   type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"image": col, "label": pa.array([s % 2 for s in seeds])}), buf, row_group_size=2)
+    return buf.getvalue()
+
+
+def test_parquet_files_at_urls_read_resume_and_refuse_a_replaced_object(tmp_path: Path) -> None:
+    """Hugging Face style parquet files at an fsspec URL: the rows of the local files, resumable, changes refused."""
+    from tokkit.encode import encode_dataset
+    from tokkit.shards import open_shards
+
+    fs = fsspec.filesystem("memory")
+    root = f"/pq-{uuid.uuid4().hex[:8]}"
+    local = tmp_path / "local"
+    local.mkdir()
+    for t in range(2):
+        blob = _parquet_bytes([3 * t + j for j in range(3)], bad=4)
+        fs.pipe(f"{root}/train-{t:05d}.parquet", blob)
+        (local / f"train-{t:05d}.parquet").write_bytes(blob)
+    spec = f"memory://{root}/train-*.parquet"
+    try:
+        src, ref = open_source(spec), open_source(str(local))
+        assert src.kind == "parquet" and src.keys == ref.keys and src.labels == ref.labels == [i % 2 for i in range(6)]
+        assert np.array_equal(np.asarray(src.read(5)), np.asarray(_img(5)))
+        assert "error" in ImageDataset(src, 16)[4]  # the corrupt cell is a logged bad input
+        ckpt = make_tiny_checkpoint(tmp_path / "ck")
+        res = encode_dataset(ckpt, spec, tmp_path / "out", **KW)
+        assert res.complete and res.images == 5 and res.skipped == 1
+        encode_dataset(ckpt, str(local), tmp_path / "ref", **KW)
+        a, b = open_shards(tmp_path / "out"), open_shards(tmp_path / "ref")
+        assert all(torch.equal(a[i][0], b[i][0]) for i in range(5))
+        assert encode_dataset(ckpt, spec, tmp_path / "out", **KW).resumed == 2  # a rerun resumes
+        fs.pipe(f"{root}/train-00001.parquet", _parquet_bytes([3, 4, 5, 6]))
+        with pytest.raises(ShardError, match="inputs changed"):
+            encode_dataset(ckpt, spec, tmp_path / "out", **KW)
+        with pytest.raises(DataError, match="one kind"):
+            fs.pipe(f"{root}/extra.tar", _tar(_samples(0)))
+            open_source(f"memory://{root}/*")
+    finally:
+        fs.rm(root, recursive=True)

@@ -21,6 +21,7 @@ from PIL import Image
 from tokkit.data.arrays import labels_to_ids
 from tokkit.data.images import BadImage, _first_line, decode_image
 from tokkit.data.inputs import too_large
+from tokkit.data.remote import filesystem, is_url, short_names, url_facts
 from tokkit.data.sources import ImageSource, _require_regular, _stat_facts
 from tokkit.data.web_sources import _short_names
 from tokkit.errors import DataError
@@ -52,15 +53,17 @@ class ParquetSource(ImageSource):
 
         if not paths:
             raise DataError(f"{root} names no .parquet files")
-        names = _short_names(paths)
+        remote = is_url(paths[0])
+        names = short_names(paths) if remote else _short_names(paths)
         keys: list[str] = []
         labels: list[Any] = []
         groups: list[list[int]] = []  # per file: the first row of each row group, then the row count
         facts: list[list] = []
         for path, short in zip(paths, names, strict=True):
-            _require_regular(Path(path))
+            if not remote:
+                _require_regular(Path(path))
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(_open(path))
                 schema = pf.schema_arrow
                 if image_key not in schema.names:
                     raise DataError(
@@ -85,7 +88,7 @@ class ParquetSource(ImageSource):
             width = max(6, len(str(n - 1)))
             keys += [f"{short}/{r:0{width}d}" for r in range(n)]
             groups.append(starts)
-            facts.append([short, *_stat_facts(path), n])
+            facts.append([short, *(url_facts(*filesystem(path)) if remote else _stat_facts(path)), n])
         if not keys:
             raise DataError(f"no rows found in {root}")
         ids, class_to_idx = _parquet_labels(root, labels)
@@ -117,7 +120,7 @@ class ParquetSource(ImageSource):
             return hit
         pf = self._files.get(f)
         if pf is None:
-            pf = self._files[f] = pq.ParquetFile(self.paths[f])
+            pf = self._files[f] = pq.ParquetFile(_open(self.paths[f]))
         values = pf.read_row_group(g, columns=[self.image_key]).column(0)  # arrow, not Python: one cell at a time
         self._cache[(f, g)] = values
         while len(self._cache) > 2:
@@ -151,6 +154,14 @@ class ParquetSource(ImageSource):
 
     def _fingerprint_items(self) -> list:
         return [self.image_key, self._facts, [[k, lab] for k, lab in zip(self.keys, self.labels, strict=True)]]
+
+
+def _open(path: str) -> Any:
+    """A local path as is; an fsspec URL as a seekable file (pyarrow reads the footer and row groups by range)."""
+    if not is_url(path):
+        return path
+    fs, p = filesystem(path)
+    return fs.open(p, "rb")
 
 
 def _check_image_type(path: str, key: str, typ: Any, pa: Any) -> None:

@@ -323,9 +323,9 @@ def open_sharded(
     max_input_bytes: int | str | None = None,
 ) -> ImageSource | None:
     """A ``TarSource`` or ``ParquetSource`` (``tokkit.data.parquet_source``) for ``text`` (a pattern, a ``.tar``, a
-    ``.parquet``, or a folder holding ``*.parquet`` files; tars also as fsspec URLs), or None when ``text`` names none
-    of these (a folder of ``*.tar`` files and no images is opened by ``open_source`` through ``tar_folder``, once its
-    walk finds no image).
+    ``.parquet``, or a folder holding ``*.parquet`` files; tars and parquet files also as fsspec URLs), or None when
+    ``text`` names none of these (a folder of ``*.tar`` files and no images is opened by ``open_source`` through
+    ``tar_folder``, once its walk finds no image).
 
     Raises:
         DataError: a pattern with missing shards, matching nothing, or mixing tars and parquet files; a URL that is
@@ -334,9 +334,14 @@ def open_sharded(
     if is_url(text):
         urls = expand_urls(expand_braces(text))
         suffixes = {_suffix(u) for u in urls}
+        if suffixes == {".parquet"}:
+            return _parquet(urls, text, (image_key or "image", label_key or "label"), max_input_bytes)
         if suffixes != {".tar"}:
             kinds = sorted(suffixes)
-            raise DataError(f"{text} names {len(urls)} objects of kinds {kinds}: URLs are read as .tar shards")
+            raise DataError(
+                f"{text} names {len(urls)} objects of kinds {kinds}: URLs are read as .tar shards or .parquet files "
+                "(one kind)"
+            )
         return TarSource(urls, text, max_input_bytes, image_key, label_key)
     path = os.path.expanduser(text)
     pq_keys = (image_key or "image", label_key or "label")
