@@ -238,7 +238,7 @@ def test_convert_cli_names_the_variant_and_takes_raw_weights(tmp_path, one_threa
     res = runner.invoke(app, ["convert", str(ckpt), "--out", str(tmp_path / "a"), "--variant", "pretrain_x", "-q"])
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert meta["extra"]["provenance"]["variant"] == "pretrain_x"
+    assert meta["extra"]["provenance"]["variant"] == "pretrain_x" and meta["extra"]["provenance"]["variant_given"]
     res = runner.invoke(app, ["convert", str(ckpt), "--out", str(tmp_path / "b"), "--raw-weights", "-q"])
     assert res.exit_code == 0, res.output
     from safetensors.torch import load_file

@@ -121,3 +121,6 @@ def test_the_source_file_name_tells_same_shaped_checkpoints_apart() -> None:
     assert [p.rfid for p in published_for({**base, "source": "/data/last.ckpt"})] == [1.17]  # no name: the variant
     assert published_for({**base, "source": "imagenet_256_L.ckpt"}, resolution=128) == []
     assert published_for(None) == [] and published_for({}) == []
+    # a variant named with `tokkit convert --variant` wins over the file's name
+    named = {**base, "variant": "pretrain_256_262144", "variant_given": True, "source": "imagenet_256_L.ckpt"}
+    assert [p.rfid for p in published_for(named)] == [1.67]

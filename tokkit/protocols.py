@@ -323,14 +323,17 @@ def published_for(provenance: dict[str, Any] | None, resolution: int | None = No
 
     The source file's name is tried before the converter's ``variant``: checkpoints with the same shapes get the
     same inferred variant (Open-MAGVIT2's ``pretrain256_262144.ckpt`` and ``imagenet_256_L.ckpt``), while the file
-    name tells them apart.
+    name tells them apart. A variant the user named (``tokkit convert --variant``, ``variant_given``) comes first.
     """
     if not provenance:
         return []
     peer = provenance.get("peer")
     source = str(provenance.get("source") or "")
     stem = source.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    for key in (stem, provenance.get("variant")):
+    keys = (stem, provenance.get("variant"))
+    if provenance.get("variant_given"):  # named by the user (tokkit convert --variant): that wins over the file name
+        keys = keys[::-1]
+    for key in keys:
         found = find_published(peer, key, resolution) if key else []
         if found or (key and find_published(peer, key)):
             return found

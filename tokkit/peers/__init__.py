@@ -216,6 +216,7 @@ def convert_source(
     src: PeerSource = read_source(source, config)
     rep.advance(1)
     extra = {"source": src.name, **src.extra}  # the name as given: a variant hint (LlamaGen's vq_ds16_c2i.pt)
+    variant_hint = variant
     if variant:
         extra["variant"] = str(variant)
     if not ema:
@@ -243,6 +244,7 @@ def convert_source(
         "sha256": src.sha256,
         "peer": fam.name,
         "variant": variant,
+        "variant_given": bool(variant_hint),
         "license": fam.license,
         "url": fam.url,
         "converted_by": f"tokkit {tokkit.__version__}",
