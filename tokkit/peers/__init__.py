@@ -117,32 +117,46 @@ def detect_family(state: Mapping[str, Tensor], extra: dict, where: str = "the ch
     raise CheckpointError(f"{where} matches {', '.join(f.name for f in found)}: pass --family NAME")
 
 
-def complete_state(
-    config: TokenizerConfig, mapped: Mapping[str, Tensor], fill: tuple[str, ...] = ("quantizer.",)
-) -> dict[str, Tensor]:
-    """A full tokkit state dict: ``mapped`` plus the freshly built model's own value for every key it lacks that
-    starts with one of ``fill`` (quantizer bookkeeping buffers such as ``cluster_size``, ``initialized``).
+def complete_state(config: TokenizerConfig, mapped: Mapping[str, Tensor], family: str) -> dict[str, Tensor]:
+    """Check converted tensors against ``Tokenizer(config)`` (built on the meta device: no memory, no RNG draw) and
+    add the quantizer's bookkeeping buffers the peer has no counterpart for (``cluster_size``, ``initialized`` ...),
+    with the values a freshly built quantizer of this config holds.
 
     Args:
-        config: the tokkit config.
-        mapped: the converted tensors.
-        fill: key prefixes that may be filled from the new model.
+        config: the tokkit config the converter derived.
+        mapped: the converted tensors under tokkit's names.
+        family: the peer's name, for the error messages.
 
     Returns:
-        The state dict, in the model's key order.
+        A state dict, in the model's key order, that ``Tokenizer(config).load_state_dict(strict=True)`` accepts.
 
     Raises:
-        CheckpointError: a mapped key the model lacks, or a missing one outside ``fill``.
+        CheckpointError: a tensor with no place in the model, a missing one outside the quantizer, or a wrong shape.
     """
-    from tokkit.models.tokenizer import Tokenizer
+    import torch
 
-    template = Tokenizer(config).state_dict()
-    unknown = sorted(set(mapped) - set(template))
-    missing = sorted(k for k in template if k not in mapped and not k.startswith(fill))
-    if unknown or missing:
-        first = f"unexpected key {unknown[0]}" if unknown else f"missing key {missing[0]}"
-        raise CheckpointError(f"conversion does not fit the tokkit model: {first} ({len(unknown) + len(missing)} keys)")
-    return {k: mapped[k] if k in mapped else v for k, v in template.items()}
+    from tokkit.models.tokenizer import Tokenizer, quantizer_from_config
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        reference = Tokenizer(config).state_dict()
+    unknown = sorted(set(mapped) - set(reference))
+    if unknown:
+        raise CheckpointError(f"{family} checkpoint: tensors with no place in the tokkit model: {unknown[:3]}")
+    out = dict(mapped)
+    missing = [k for k in reference if k not in out]
+    if any(k.startswith("quantizer.") for k in missing):
+        with torch.random.fork_rng(devices=[]):
+            fresh = {f"quantizer.{k}": v for k, v in quantizer_from_config(config).state_dict().items()}
+    for key in missing:
+        if not key.startswith("quantizer.") or key not in fresh:
+            raise CheckpointError(f"{family} checkpoint lacks the tensor for tokkit's {key!r}")
+        out[key] = fresh[key]
+    for key, ref in reference.items():
+        if tuple(out[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{family} checkpoint: {key!r} has shape {tuple(out[key].shape)}, expected {tuple(ref.shape)}"
+            )
+    return {k: out[k] for k in reference}
 
 
 @dataclass

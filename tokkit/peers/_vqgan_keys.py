@@ -3,7 +3,7 @@
 Both peers use taming's blocks: ``ResnetBlock`` (norm1, conv1, norm2, conv2, nin_shortcut), ``AttnBlock`` (norm, q, k,
 v, proj_out as 1x1 convs), ``Downsample`` / ``Upsample`` (conv), GroupNorm(32, eps 1e-6, affine). ``KeyMover`` moves a
 peer state dict's tensors to tokkit's names (the layout is documented in ``tokkit.models.autoencoder``), and
-``finish`` checks the result against ``Tokenizer(config)``: every key present, none left over, every shape equal.
+``finish`` refuses peer keys left over and checks the result with ``tokkit.peers.complete_state``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class KeyMover:
             self.move(f"{resample}.conv", f"{dst}.{j}.conv")
 
     def finish(self, config: TokenizerConfig, extra: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The converted state dict, checked against ``Tokenizer(config)``'s keys and shapes (built on ``meta``).
+        """The converted state dict, checked against ``Tokenizer(config)`` by ``tokkit.peers.complete_state``.
 
         Args:
             config: the tokkit config the weights are for.
@@ -93,34 +93,15 @@ class KeyMover:
         Raises:
             CheckpointError: a peer key nothing maps (one line naming them), a missing tokkit key or a shape mismatch.
         """
+        from tokkit.peers import complete_state
+
         if self.left:
             raise CheckpointError(
                 f"unexpected keys in the {self.family} state dict: {_listing(self.left)}: not a {self.family} "
                 "checkpoint of a supported layout (or a modified one)"
             )
-        out = {**self.out, **(extra or {})}
-        expected = _expected_shapes(config)
-        missing, unknown = set(expected) - set(out), set(out) - set(expected)
-        if missing or unknown:  # a converter bug rather than a user's mistake, still said in one line
-            raise CheckpointError(
-                f"{self.family} conversion does not fit the tokkit layout: missing {_listing(missing) or '-'}, "
-                f"unexpected {_listing(unknown) or '-'}"
-            )
-        for k, shape in expected.items():
-            if tuple(out[k].shape) != shape:
-                raise CheckpointError(
-                    f"{self.family} weight {k} has shape {tuple(out[k].shape)}, the inferred architecture needs "
-                    f"{shape}: inconsistent checkpoint (or side config)"
-                )
+        out = complete_state(config, {**self.out, **(extra or {})}, self.family)
         return {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
-
-
-def _expected_shapes(config: TokenizerConfig) -> dict[str, tuple[int, ...]]:
-    from tokkit.models.tokenizer import Tokenizer
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = Tokenizer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def vq_buffers(codebook_size: int) -> dict[str, Tensor]:

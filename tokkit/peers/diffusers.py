@@ -215,7 +215,7 @@ def convert(state: Mapping[str, Tensor], extra: dict) -> tuple[TokenizerConfig, 
     left = sorted(set(state) - m.used)
     if left:
         raise ConfigError(f"{len(left)} diffusers tensors have no place in tokkit's model, e.g. {left[0]}")
-    return config, complete_state(config, m.out), variant
+    return config, complete_state(config, m.out, "diffusers"), variant
 
 
 register_family(

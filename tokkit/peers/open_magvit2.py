@@ -22,7 +22,7 @@ pretrain_256_16384    5 (f16) 14    256     TencentARC/Open-MAGVIT2-Tokenizer-16
 
 (``pretrain_256_262144`` has the same shapes as ``imagenet_256_L``: pass it as the ``variant`` hint.)
 
-``rename_keys`` and ``complete_state`` are shared with ``tokkit.peers.maskbit``.
+``rename_keys`` and ``count_indexed`` are shared with ``tokkit.peers.maskbit``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError
-from tokkit.peers import PeerFamily, register_family
+from tokkit.peers import PeerFamily, complete_state, register_family
 
 NAME = "open-magvit2"
 LICENSE = "Apache-2.0"
@@ -81,41 +80,6 @@ def rename_keys(state: Mapping[str, Tensor], rules: Sequence[tuple[str, Any]], f
                 break
         else:
             raise CheckpointError(f"{family} checkpoint has an unknown tensor {key!r}: not a layout tokkit converts")
-    return out
-
-
-def complete_state(config: TokenizerConfig, converted: dict[str, Tensor], family: str) -> dict[str, Tensor]:
-    """Check ``converted`` against ``Tokenizer(config)`` (built on the meta device) and add the quantizer's buffers.
-
-    Args:
-        config: the tokkit config the converter derived.
-        converted: encoder / decoder (and quantizer codebook) tensors under tokkit's names.
-        family: peer name for the error message.
-
-    Returns:
-        A state dict that ``Tokenizer(config).load_state_dict(strict=True)`` accepts.
-
-    Raises:
-        CheckpointError: a tensor missing or of the wrong shape (a layout the converter does not know).
-    """
-    from tokkit.models.tokenizer import Tokenizer, quantizer_from_config
-
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        reference = Tokenizer(config).state_dict()
-    defaults = {f"quantizer.{k}": v for k, v in quantizer_from_config(config).state_dict().items()}
-    out = dict(converted)
-    for key, ref in reference.items():
-        if key not in out:
-            if key not in defaults:
-                raise CheckpointError(f"{family} checkpoint lacks the tensor for tokkit's {key!r}")
-            out[key] = defaults[key]
-        if tuple(out[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{family} checkpoint: {key!r} has shape {tuple(out[key].shape)}, expected {tuple(ref.shape)}"
-            )
-    extra = sorted(set(out) - set(reference))
-    if extra:
-        raise CheckpointError(f"{family} checkpoint: tensors with no place in the tokkit model: {extra[:3]}")
     return out
 
 
@@ -208,4 +172,4 @@ def convert(state: Mapping[str, Tensor], extra: dict) -> tuple[TokenizerConfig, 
 
 register_family(PeerFamily(name=NAME, license=LICENSE, url=URL, detect=detect, convert=convert))
 
-__all__ = ["complete_state", "convert", "count_indexed", "detect", "rename_keys"]
+__all__ = ["convert", "count_indexed", "detect", "rename_keys"]
