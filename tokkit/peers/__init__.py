@@ -159,6 +159,21 @@ def complete_state(config: TokenizerConfig, mapped: Mapping[str, Tensor], family
     return {k: out[k] for k in reference}
 
 
+def count_indexed(state: Mapping[str, Tensor], pattern: str) -> int:
+    """How many consecutive ``i = 0, 1, ...`` have ``pattern.format(i)`` in ``state`` (blocks, levels of a peer)."""
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+def shape_dim(state: Mapping[str, Tensor], key: str, axis: int, family: str) -> int:
+    """``state[key].shape[axis]``; a missing key is a ``CheckpointError`` naming it (an incomplete state dict)."""
+    if key not in state:
+        raise CheckpointError(f"{family} checkpoint lacks {key!r}: not a complete {family} state dict")
+    return int(state[key].shape[axis])
+
+
 @dataclass
 class Conversion:
     """The result of ``convert_source``.
@@ -303,10 +318,12 @@ __all__ = [
     "Conversion",
     "PeerFamily",
     "complete_state",
+    "count_indexed",
     "convert",
     "convert_source",
     "detect_family",
     "get_family",
     "list_families",
     "register_family",
+    "shape_dim",
 ]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError, ConfigError
-from tokkit.peers import PeerFamily, register_family
+from tokkit.peers import PeerFamily, count_indexed, register_family, shape_dim
 from tokkit.peers._vqgan_keys import KeyMover, check_group_norm_channels, vq_buffers
 
 NAME = "llamagen"
@@ -44,19 +44,6 @@ _VARIANT = re.compile(r"vq_ds(\d+)_(c2i|t2i)")
 def detect(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> bool:
     """A LlamaGen ``VQModel`` state dict: its ``conv_blocks`` module names and a ``VectorQuantizer`` codebook."""
     return "quantize.embedding.weight" in state and "encoder.conv_blocks.0.res.0.conv1.weight" in state
-
-
-def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
-    if key not in state:
-        raise CheckpointError(f"LlamaGen checkpoint lacks {key!r}: not a complete LlamaGen VQ state dict")
-    return int(state[key].shape[axis])
-
-
-def _count(state: Mapping[str, Tensor], pattern: str) -> int:
-    n = 0
-    while pattern.format(n) in state:
-        n += 1
-    return n
 
 
 def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,9 +62,9 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
     """
     if not detect(state, extra):
         raise CheckpointError("not a LlamaGen VQ state dict (needs encoder.conv_blocks.*, quantize.embedding.weight)")
-    n = _count(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
-    ch = _dim(state, "encoder.conv_in.weight", 0)
-    chans = [_dim(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight", 0) for i in range(n)]
+    n = count_indexed(state, "encoder.conv_blocks.{}.res.0.conv1.weight")
+    ch = shape_dim(state, "encoder.conv_in.weight", 0, NAME)
+    chans = [shape_dim(state, f"encoder.conv_blocks.{i}.res.0.conv2.weight", 0, NAME) for i in range(n)]
     if any(c % ch for c in chans):
         raise CheckpointError(f"LlamaGen encoder level channels {chans} are not multiples of conv_in's {ch}")
     attn = [i for i in range(n) if f"encoder.conv_blocks.{i}.attn.0.q.weight" in state]
@@ -85,7 +72,7 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
     if attn != dec_attn:
         raise CheckpointError(f"LlamaGen encoder attention at levels {attn} but decoder at {dec_attn}: unsupported")
     k, e = (int(s) for s in state["quantize.embedding.weight"].shape)  # (K, E)
-    z = _dim(state, "encoder.conv_out.weight", 0)
+    z = shape_dim(state, "encoder.conv_out.weight", 0, NAME)
     check_group_norm_channels("LlamaGen", chans)
     l2, res = extra.get("codebook_l2_norm", True), extra.get("resolution", DEFAULT_RESOLUTION)
     if not isinstance(l2, bool) or isinstance(res, bool) or not isinstance(res, int):
@@ -95,8 +82,8 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
     return {
         "ch": ch,
         "ch_mult": [c // ch for c in chans],
-        "num_res_blocks": _count(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
-        "decoder_res_blocks": _count(state, "decoder.conv_blocks.0.res.{}.conv1.weight"),
+        "num_res_blocks": count_indexed(state, "encoder.conv_blocks.0.res.{}.conv1.weight"),
+        "decoder_res_blocks": count_indexed(state, "decoder.conv_blocks.0.res.{}.conv1.weight"),
         "attn_levels": attn,
         "z_channels": z,
         "embed_dim": e,

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError
-from tokkit.peers import PeerFamily, complete_state, register_family
-from tokkit.peers.open_magvit2 import count_indexed, rename_keys
+from tokkit.peers import PeerFamily, complete_state, count_indexed, register_family
+from tokkit.peers.open_magvit2 import rename_keys
 
 NAME = "maskbit"
 LICENSE = "Apache-2.0"

@@ -22,7 +22,7 @@ pretrain_256_16384    5 (f16) 14    256     TencentARC/Open-MAGVIT2-Tokenizer-16
 
 (``pretrain_256_262144`` has the same shapes as ``imagenet_256_L``: pass it as the ``variant`` hint.)
 
-``rename_keys`` and ``count_indexed`` are shared with ``tokkit.peers.maskbit``.
+``rename_keys`` is shared with ``tokkit.peers.maskbit``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError
-from tokkit.peers import PeerFamily, complete_state, register_family
+from tokkit.peers import PeerFamily, complete_state, count_indexed, register_family
 
 NAME = "open-magvit2"
 LICENSE = "Apache-2.0"
@@ -81,14 +81,6 @@ def rename_keys(state: Mapping[str, Tensor], rules: Sequence[tuple[str, Any]], f
         else:
             raise CheckpointError(f"{family} checkpoint has an unknown tensor {key!r}: not a layout tokkit converts")
     return out
-
-
-def count_indexed(state: Mapping[str, Tensor], pattern: str) -> int:
-    """How many consecutive ``i = 0, 1, ...`` have ``pattern.format(i)`` in ``state``."""
-    n = 0
-    while pattern.format(n) in state:
-        n += 1
-    return n
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,4 +164,4 @@ def convert(state: Mapping[str, Tensor], extra: dict) -> tuple[TokenizerConfig, 
 
 register_family(PeerFamily(name=NAME, license=LICENSE, url=URL, detect=detect, convert=convert))
 
-__all__ = ["convert", "count_indexed", "detect", "rename_keys"]
+__all__ = ["convert", "detect", "rename_keys"]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tokkit.config import TokenizerConfig
 from tokkit.errors import CheckpointError, ConfigError
-from tokkit.peers import PeerFamily, register_family
+from tokkit.peers import PeerFamily, count_indexed, register_family, shape_dim
 from tokkit.peers._vqgan_keys import KeyMover, check_group_norm_channels, vq_buffers
 
 NAME = "taming"
@@ -46,19 +46,6 @@ def detect(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> bool:
         k in state
         for k in ("quantize.embedding.weight", "encoder.mid.attn_1.q.weight", "encoder.down.0.block.0.conv1.weight")
     ) and not any(k.startswith("model_ema.") for k in state)
-
-
-def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
-    if key not in state:
-        raise CheckpointError(f"taming checkpoint lacks {key!r}: not a complete taming VQGAN state dict")
-    return int(state[key].shape[axis])
-
-
-def _count(state: Mapping[str, Tensor], pattern: str) -> int:
-    n = 0
-    while pattern.format(n) in state:
-        n += 1
-    return n
 
 
 def _params(extra: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -84,13 +71,13 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
     if not detect(state, extra):
         raise CheckpointError("not a taming VQGAN state dict (needs encoder.down.*, encoder.mid.attn_1, quantize.*)")
     params = _params(extra)
-    n = _count(state, "encoder.down.{}.block.0.conv1.weight")
-    ch = _dim(state, "encoder.conv_in.weight", 0)
-    chans = [_dim(state, f"encoder.down.{i}.block.0.conv2.weight", 0) for i in range(n)]
+    n = count_indexed(state, "encoder.down.{}.block.0.conv1.weight")
+    ch = shape_dim(state, "encoder.conv_in.weight", 0, NAME)
+    chans = [shape_dim(state, f"encoder.down.{i}.block.0.conv2.weight", 0, NAME) for i in range(n)]
     if any(c % ch for c in chans):
         raise CheckpointError(f"taming encoder level channels {chans} are not multiples of conv_in's {ch}")
     k, e = (int(s) for s in state["quantize.embedding.weight"].shape)  # (K, E)
-    z, z_out = _dim(state, "decoder.conv_in.weight", 1), _dim(state, "encoder.conv_out.weight", 0)
+    z, z_out = shape_dim(state, "decoder.conv_in.weight", 1, NAME), shape_dim(state, "encoder.conv_out.weight", 0, NAME)
     if z_out != z:
         raise CheckpointError(
             f"taming encoder outputs {z_out} channels, the decoder takes {z}: double_z (a KL autoencoder) is no VQGAN"
@@ -103,8 +90,8 @@ def architecture(state: Mapping[str, Tensor], extra: Mapping[str, Any]) -> dict[
     arch = {
         "ch": ch,
         "ch_mult": [c // ch for c in chans],
-        "num_res_blocks": _count(state, "encoder.down.0.block.{}.conv1.weight"),
-        "decoder_res_blocks": _count(state, "decoder.up.0.block.{}.conv1.weight"),
+        "num_res_blocks": count_indexed(state, "encoder.down.0.block.{}.conv1.weight"),
+        "decoder_res_blocks": count_indexed(state, "decoder.up.0.block.{}.conv1.weight"),
         "attn_levels": attn,
         "z_channels": z,
         "embed_dim": e,
