@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from tokkit import distributed as tdist
 from tokkit import metrics as M
@@ -36,7 +36,7 @@ from tokkit.bench_types import BenchResult, CheckpointResult  # re-exported: tok
 from tokkit.distributed import owns_process_group
 from tokkit.errors import ConfigError, DataError, OutputError, TokkitError, WeightsError
 from tokkit.progress import Reporter, resolve
-from tokkit.protocols import RESIZE_DESCRIPTIONS, Protocol, get_protocol
+from tokkit.protocols import RESIZE_DESCRIPTIONS, RESIZES, Protocol, get_protocol
 from tokkit.quantizers.base import CodebookUsage, Quantizer
 from tokkit.report import write_outputs
 
@@ -477,41 +477,6 @@ def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-class ProtocolImages(Dataset):
-    """A source's images resized and cropped the protocol's way: item = ``ImageDataset``'s (uint8 (3, r, r) ...).
-
-    Args:
-        source: where the images come from.
-        resolution: output side.
-        resize: a key of ``tokkit.protocols.RESIZES``.
-    """
-
-    def __init__(self, source: Any, resolution: int, resize: str) -> None:
-        from tokkit.protocols import RESIZES
-
-        self.source, self.resolution, self.resize = source, int(resolution), RESIZES[resize]
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from tokkit.data.images import BadImage
-        from tokkit.data.transforms import is_upscaled
-
-        try:
-            img = self.source.read(i)
-        except BadImage as e:
-            return {"error": e.reason, "index": int(i)}
-        arr = self.resize(img, self.resolution)  # (r, r, 3) uint8
-        image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # -> (3, r, r)
-        return {
-            "image": image,
-            "label": int(self.source.labels[i]),
-            "index": int(i),
-            "upscaled": is_upscaled(img, self.resolution),
-        }
-
-
 def to_uint8(images01: Tensor, mode: str) -> Tensor:
     """float images in [0, 1] (B, 3, H, W) -> uint8: "round" (round(255 x)) or "truncate" ((255 x).to(uint8))."""
     x = images01.float().clamp(0.0, 1.0) * 255.0
@@ -535,7 +500,7 @@ def _bench_one(
     name: str,
     real_cache: dict[int, dict[str, Tensor]],
 ) -> CheckpointResult:
-    from tokkit.data import collate_skip_bad, to_float
+    from tokkit.data import ImageDataset, collate_skip_bad, to_float
 
     r = int(plan["resolution"])
     h, w = plan["token_grid"]
@@ -578,7 +543,7 @@ def _bench_one(
     chosen = subset_indices(len(source), n_use)
     rank, world = tdist.get_rank(), tdist.get_world_size()
     mine = chosen[rank::world]  # this rank's share; one process: all
-    ds = Subset(ProtocolImages(source, r, proto.resize), mine)
+    ds = Subset(ImageDataset(source, r, resize=RESIZES[proto.resize]), mine)
     grid_keep = {chosen[i] for i in subset_indices(n_use, GRID_IMAGES)}  # a few images, spread over the set
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_skip_bad)
     sums = {k: 0.0 for k in ("psnr", "psnr_sq", "ssim", "ssim_sq", "lpips")}
@@ -736,7 +701,6 @@ __all__ = [
     "METRICS",
     "BenchResult",
     "CheckpointResult",
-    "ProtocolImages",
     "TokenUsage",
     "bench",
     "check_ref_stats",

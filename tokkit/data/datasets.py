@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,18 @@ class ImageDataset(Dataset):
         seed: augmentation seed; each draw also mixes in torch's RNG (seeded per DataLoader worker and epoch),
             so epochs differ while a seeded run repeats.
         views: encode views (``none``, ``flip``, ``tencrop``); ignored when ``train``.
+        resize: ``(PIL image, side) -> (side, side, 3) uint8`` used instead of the pinned center crop (a bench
+            protocol's, ``tokkit.protocols.RESIZES``); only with ``train=False`` and ``views="none"``.
     """
 
     def __init__(
-        self, source: ImageSource, resolution: int, train: bool = False, seed: int = 0, views: str = "none"
+        self,
+        source: ImageSource,
+        resolution: int,
+        train: bool = False,
+        seed: int = 0,
+        views: str = "none",
+        resize: Callable[[Any, int], np.ndarray] | None = None,
     ) -> None:
         if views not in VIEWS:
             from tokkit.errors import ConfigError
@@ -41,6 +50,9 @@ class ImageDataset(Dataset):
         self.train = train
         self.seed = seed
         self.views = views
+        if resize is not None and (train or views != "none"):
+            raise ValueError("ImageDataset: resize replaces the pinned center crop; it takes train=False, views='none'")
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.source)
@@ -51,7 +63,10 @@ class ImageDataset(Dataset):
         except BadImage as e:
             return {"error": e.reason, "index": int(i)}
         upscaled = is_upscaled(img, self.resolution)
-        if self.train:
+        if self.resize is not None:
+            arr = self.resize(img, self.resolution)  # (r, r, 3)
+            image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # -> (3, r, r)
+        elif self.train:
             salt = int(torch.randint(0, 2**31 - 1, ()).item())
             rng = np.random.default_rng([self.seed, int(i), salt])
             arr = random_crop_flip(img, self.resolution, rng)
