@@ -23,7 +23,6 @@ from tokkit.data.images import BadImage, _first_line, decode_image
 from tokkit.data.inputs import too_large
 from tokkit.data.remote import filesystem, is_url, short_names, url_facts
 from tokkit.data.sources import ImageSource, _require_regular, _stat_facts
-from tokkit.data.web_sources import _short_names
 from tokkit.errors import DataError
 
 
@@ -54,7 +53,7 @@ class ParquetSource(ImageSource):
         if not paths:
             raise DataError(f"{root} names no .parquet files")
         remote = is_url(paths[0])
-        names = short_names(paths) if remote else _short_names(paths)
+        names = short_names(paths)
         keys: list[str] = []
         labels: list[Any] = []
         groups: list[list[int]] = []  # per file: the first row of each row group, then the row count

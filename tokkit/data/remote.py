@@ -102,7 +102,7 @@ def read_range(fs: Any, path: str, offset: int, size: int) -> bytes:
 
 
 def short_names(urls: list[str]) -> list[str]:
-    """URLs relative to their common folder (base names when they share one)."""
+    """URLs or local paths relative to their common folder (base names when they share one)."""
     paths = [_SCHEME.sub("", u) for u in urls]
     common = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else ""
     return [posixpath.relpath(p, common) if common else p for p in paths]

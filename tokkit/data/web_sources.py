@@ -102,12 +102,6 @@ def expand_shards(spec: str) -> list[str]:
     return sorted({os.path.abspath(p) for p in paths})
 
 
-def _short_names(paths: list[str]) -> list[str]:
-    """Paths relative to their common folder (base names when they share one folder)."""
-    common = os.path.commonpath([os.path.dirname(p) for p in paths])
-    return [os.path.relpath(p, common).replace(os.sep, "/") for p in paths]
-
-
 def _split_member(name: str) -> tuple[str, str] | None:
     """webdataset's rule: ``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``); None for a name without an extension."""
     folder, _, base = name.rpartition("/")
@@ -193,7 +187,7 @@ class TarSource(ImageSource):
         if not paths:
             raise DataError(f"{root} names no .tar shards")
         remote = is_url(paths[0])
-        names = short_names(paths) if remote else _short_names(paths)
+        names = short_names(paths)
         keys: list[str] = []
         labels: list[int] = []
         locs: list[tuple[int, int, int, str] | None] = []  # (tar index, data offset, size, member) of each image
