@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import functools
+import gc
 import os
 import signal
 import socket
@@ -177,6 +178,10 @@ def owns_process_group(fn: F) -> F:
             if owns and dist.is_available() and dist.is_initialized():
                 if finished:
                     barrier()
+                # objects of the finished run that still hold the group (a DDP reducer caught in a reference cycle)
+                # are freed now, while the group is torn down in order, not at interpreter exit, where a gloo thread
+                # destroyed unjoined aborts the rank ("terminate called without an active exception")
+                gc.collect()
                 cleanup()
 
     return wrapper  # type: ignore[return-value]
